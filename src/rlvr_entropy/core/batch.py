@@ -1,0 +1,134 @@
+"""The record every method consumes, with its shape glossary.
+
+Shape glossary: B responses, T response positions (padded), V vocabulary size.
+
+=============== ============ ==========================================================================
+field           shape        meaning
+=============== ============ ==========================================================================
+log_prob        [B, T]       log pi_theta(o_t | prefix) of the sampled token, with gradient
+old_log_prob    [B, T]       log pi_old of the sampled token (behaviour policy), no gradient
+advantages      [B] | [B, T] advantage per response or per token
+mask            bool [B, T]  True at valid response tokens; everything else is padding
+logits          [B, T, V]    optional; next-token logits, temperature already applied, with gradient
+entropy         [B, T]       optional; entropy of pi_theta at each position (with gradient when used as a
+                             regularizer); computed from ``logits`` when missing and needed
+old_entropy     [B, T]       optional; entropy of pi_old (STEER reads this)
+ref_log_prob    [B, T]       optional; log-prob under a reference model
+rewards         [B]          optional; scalar reward per response (W-REINFORCE reads this)
+=============== ============ ==========================================================================
+
+Values at padded positions are never read: they may be anything, NaN included, and never receive gradient.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from rlvr_entropy.core.validation import as_bool_mask, check_finite_where, check_shape, check_tensor
+
+_PER_TOKEN = ("log_prob", "old_log_prob", "entropy", "old_entropy", "ref_log_prob")
+
+
+@dataclass
+class TokenBatch:
+    """One (micro-)batch of sampled responses. Validated on construction; see the module docstring for shapes."""
+
+    log_prob: torch.Tensor
+    old_log_prob: torch.Tensor
+    advantages: torch.Tensor
+    mask: torch.Tensor
+    logits: torch.Tensor | None = None
+    entropy: torch.Tensor | None = None
+    old_entropy: torch.Tensor | None = None
+    ref_log_prob: torch.Tensor | None = None
+    rewards: torch.Tensor | None = None
+    _cache: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        check_tensor("log_prob", self.log_prob)
+        if self.log_prob.dim() != 2:
+            raise ValueError(f"log_prob must have shape [B, T], got {list(self.log_prob.shape)}")
+        if not self.log_prob.is_floating_point():
+            raise ValueError(f"log_prob must be a floating tensor, got {self.log_prob.dtype}")
+        B, T = self.log_prob.shape
+        self.mask = as_bool_mask("mask", self.mask)
+        check_shape("mask", self.mask, (B, T), "same as log_prob")
+        for name in _PER_TOKEN:
+            x = getattr(self, name)
+            if x is None:
+                continue
+            check_tensor(name, x)
+            check_shape(name, x, (B, T), "same as log_prob")
+            check_finite_where(name, x, self.mask)
+        check_tensor("advantages", self.advantages)
+        if self.advantages.dim() == 1:
+            check_shape("advantages", self.advantages, (B,), "[B] or [B, T]")
+            check_finite_where("advantages", self.advantages, self.mask.any(-1))
+        else:
+            check_shape("advantages", self.advantages, (B, T), "[B] or [B, T]")
+            check_finite_where("advantages", self.advantages, self.mask)
+        if self.logits is not None:
+            check_tensor("logits", self.logits)
+            if self.logits.dim() != 3 or tuple(self.logits.shape[:2]) != (B, T):
+                raise ValueError(f"logits must have shape [B, T, V] = [{B}, {T}, V], got {list(self.logits.shape)}")
+            check_finite_where("logits", self.logits, self.mask)
+        if self.rewards is not None:
+            check_tensor("rewards", self.rewards)
+            check_shape("rewards", self.rewards, (B,))
+            check_finite_where("rewards", self.rewards, None)
+
+    # ------------------------------------------------------------------ helpers
+    @property
+    def shape(self) -> tuple[int, int]:
+        return tuple(self.log_prob.shape)  # type: ignore[return-value]
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.mask.sum())
+
+    def clean(self, x: torch.Tensor) -> torch.Tensor:
+        """``x`` [B, T] with padded positions replaced by 0 (no NaN can leak, no gradient reaches padding)."""
+        return torch.where(self.mask, x, torch.zeros((), dtype=x.dtype, device=x.device))
+
+    def token_advantages(self) -> torch.Tensor:
+        """Advantages broadcast to [B, T], 0 at padding, detached."""
+        a = self.advantages.detach()
+        if a.dim() == 1:
+            a = a[:, None].expand(self.shape)
+        return self.clean(a.to(self.log_prob.dtype))
+
+    def require(self, name: str, method: str) -> torch.Tensor:
+        x = getattr(self, name)
+        if x is None:
+            raise ValueError(f"method {method!r} needs TokenBatch.{name}; pass it when building the batch")
+        return x
+
+    def current_entropy(self, method: str) -> torch.Tensor:
+        """Entropy of pi_theta [B, T] (0 at padding): the given ``entropy``, else computed from ``logits``."""
+        if self.entropy is not None:
+            return self.clean(self.entropy)
+        if self.logits is not None:
+            if "entropy" not in self._cache:
+                from rlvr_entropy.stats import entropy as _entropy
+
+                self._cache["entropy"] = self.clean(_entropy(self.logits, mask=self.mask))
+            return self._cache["entropy"]
+        raise ValueError(f"method {method!r} needs TokenBatch.entropy or TokenBatch.logits")
+
+    def with_(self, **changes: Any) -> "TokenBatch":
+        """A copy with some fields replaced (validated again)."""
+        fields = {k: getattr(self, k) for k in
+                  ("log_prob", "old_log_prob", "advantages", "mask", "logits", "entropy", "old_entropy",
+                   "ref_log_prob", "rewards")}
+        fields.update(changes)
+        return TokenBatch(**fields)
+
+
+@dataclass
+class LossOutput:
+    """What every method returns: a 0-dim loss and metrics named ``"<method>/<metric>"``."""
+
+    loss: torch.Tensor
+    metrics: dict[str, float | torch.Tensor] = field(default_factory=dict)

@@ -1,0 +1,182 @@
+"""Method base class, the shared policy-gradient config, and the registry.
+
+A method is a small change to one or more of three axes: the per-token surrogate (or a weight / mask on it), the
+aggregation, and additive regularizers. Each lives in its own module with a frozen config dataclass (paper
+defaults, citations), pure functions for the math, and ``@register_method``.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, Callable, ClassVar
+
+import torch
+
+from rlvr_entropy.core.aggregation import AGG_MODES, agg_loss, masked_mean
+from rlvr_entropy.core.batch import LossOutput, TokenBatch
+from rlvr_entropy.core.surrogate import PGTerms, ppo_token_loss
+from rlvr_entropy.core.validation import check_choice, check_float, check_int
+
+GatherFn = Callable[[torch.Tensor], torch.Tensor]
+
+
+@dataclass(frozen=True)
+class PGConfig:
+    """Policy-gradient part shared by every method (PPO clipped surrogate + aggregation)."""
+
+    eps_low: float = 0.2
+    """Lower clip range epsilon_low (PPO, arXiv 1707.06347): ratio floor 1 - eps_low for A < 0."""
+    eps_high: float = 0.2
+    """Upper clip range epsilon_high; DAPO's clip-higher uses 0.28 (arXiv 2503.14476)."""
+    dual_clip: float | None = None
+    """Dual-clip constant c > 1 for A < 0 (arXiv 1912.09729); verl uses 3, DAPO/STEER 10; None disables."""
+    loss_agg_mode: str = "token-mean"
+    """One of token-mean, token-sum, seq-mean-token-mean, seq-mean-token-sum, seq-mean-token-sum-norm."""
+    norm_length: int | None = None
+    """Divisor of seq-mean-token-sum-norm (the maximum response length); None uses the padded T, like verl."""
+    clamp_log_ratio: float = 20.0
+    """The log-ratio is clamped to [-c, c] before exp (verl's vanilla loss uses 20)."""
+
+    def __post_init__(self) -> None:
+        check_float("eps_low", self.eps_low, lo=0.0, hi=1.0, hi_open=True)
+        check_float("eps_high", self.eps_high, lo=0.0)
+        if self.dual_clip is not None:
+            check_float("dual_clip", self.dual_clip, lo=1.0, lo_open=True)
+        check_choice("loss_agg_mode", self.loss_agg_mode, AGG_MODES)
+        check_int("norm_length", self.norm_length, lo=1, allow_none=True)
+        check_float("clamp_log_ratio", self.clamp_log_ratio, lo=0.0, lo_open=True)
+
+    def pg_fields(self) -> dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(PGConfig)}
+
+
+class Method:
+    """Base class. Subclasses set ``name``, ``Config`` and implement ``_loss``."""
+
+    name: ClassVar[str] = ""
+    Config: ClassVar[type[PGConfig]] = PGConfig
+    #: TokenBatch fields the method cannot work without (beyond log_prob/old_log_prob/advantages/mask).
+    needs: ClassVar[tuple[str, ...]] = ()
+
+    def __init__(self, config: PGConfig | None = None, **overrides: Any) -> None:
+        if config is None:
+            config = make_config(type(self), **overrides)
+        elif overrides:
+            config = dataclasses.replace(config, **overrides)
+        if not isinstance(config, self.Config):
+            raise ValueError(f"config for {self.name!r} must be a {self.Config.__name__}, got {type(config).__name__}")
+        self.config = config
+        #: Optional all-gather used by methods with a "global" scope (e.g. torch.distributed); identity when unset.
+        self.gather_fn: GatherFn | None = None
+        self._step: int | None = None
+        self._calls = 0
+
+    # --------------------------------------------------------------------------------------- public API
+    def compute_loss(self, batch: TokenBatch, *, step: int | None = None) -> LossOutput:
+        """Loss of one (micro-)batch. ``step`` is the optimizer step: controllers update once per step
+        (once per call when ``step`` is None)."""
+        if not isinstance(batch, TokenBatch):
+            raise ValueError(f"batch must be a TokenBatch, got {type(batch).__name__}")
+        for f in self.needs:
+            batch.require(f, self.name)
+        new_step = step is None or step != self._step
+        self._step = step
+        self._calls += 1
+        loss, metrics = self._loss(batch, new_step=new_step)
+        if loss.dim() != 0:
+            raise RuntimeError(f"{self.name}: loss must be 0-dim")
+        if not bool(torch.isfinite(loss.detach())):
+            raise ValueError(f"{self.name}: the loss is not finite ({float(loss)}); check the batch and config")
+        return LossOutput(loss=loss, metrics={f"{self.name}/{k}": v for k, v in metrics.items()})
+
+    def state_dict(self) -> dict[str, Any]:
+        return {k: c.state_dict() for k, c in self.controllers().items()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        ctrls = self.controllers()
+        unknown = set(state) - set(ctrls)
+        if unknown:
+            raise ValueError(f"state for {self.name!r} has unknown controller(s) {sorted(unknown)}")
+        for k, c in ctrls.items():
+            if k in state:
+                c.load_state_dict(state[k])
+
+    def controllers(self) -> dict[str, Any]:
+        """Stateful pieces (anchors, adaptive coefficients), saved with checkpoints."""
+        return {}
+
+    @classmethod
+    def neutral_overrides(cls) -> dict[str, Any] | None:
+        """Config overrides under which the method equals ``grpo`` with the same PG settings (None: no such
+        setting exists)."""
+        return None
+
+    # ------------------------------------------------------------------------------------- for subclasses
+    def _loss(self, batch: TokenBatch, *, new_step: bool) -> tuple[torch.Tensor, dict[str, Any]]:
+        raise NotImplementedError
+
+    def pg_terms(self, batch: TokenBatch, advantages: torch.Tensor | None = None) -> PGTerms:
+        c = self.config
+        adv = batch.token_advantages() if advantages is None else advantages
+        return ppo_token_loss(batch.clean(batch.log_prob), batch.clean(batch.old_log_prob), adv,
+                              eps_low=c.eps_low, eps_high=c.eps_high, dual_clip=c.dual_clip,
+                              clamp_log_ratio=c.clamp_log_ratio)
+
+    def aggregate(self, loss_mat: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        return agg_loss(loss_mat, mask, self.config.loss_agg_mode, self.config.norm_length)
+
+    @staticmethod
+    @torch.no_grad()
+    def pg_metrics(terms: PGTerms, batch: TokenBatch) -> dict[str, torch.Tensor]:
+        m = batch.mask
+        return {
+            "clip_frac": masked_mean(terms.clipped.float(), m),
+            "dual_clip_frac": masked_mean(terms.dual_clipped.float(), m),
+            "approx_kl": masked_mean(-terms.log_ratio.detach(), m),
+            "ratio_mean": masked_mean(terms.ratio.detach(), m),
+        }
+
+
+# ------------------------------------------------------------------------------------------- registry
+_REGISTRY: dict[str, type[Method]] = {}
+
+
+def register_method(cls: type[Method]) -> type[Method]:
+    """Class decorator: register ``cls`` under ``cls.name``. Registering a taken name raises."""
+    if not cls.name:
+        raise ValueError(f"{cls.__name__} has no name")
+    if cls.name in _REGISTRY and _REGISTRY[cls.name] is not cls:
+        raise ValueError(f"a method named {cls.name!r} is already registered ({_REGISTRY[cls.name].__name__})")
+    _REGISTRY[cls.name] = cls
+    return cls
+
+
+def _ensure_loaded() -> None:
+    import rlvr_entropy.methods  # noqa: F401  (imports every method module)
+
+
+def available_methods() -> list[str]:
+    """Names of every registered method, sorted."""
+    _ensure_loaded()
+    return sorted(_REGISTRY)
+
+
+def get_method_class(name: str) -> type[Method]:
+    _ensure_loaded()
+    if name not in _REGISTRY:
+        raise ValueError(f"unknown method {name!r}; available: {sorted(_REGISTRY)}")
+    return _REGISTRY[name]
+
+
+def make_config(cls: type[Method], **config: Any) -> PGConfig:
+    names = {f.name for f in dataclasses.fields(cls.Config)}
+    unknown = sorted(set(config) - names)
+    if unknown:
+        raise ValueError(f"unknown config key(s) {unknown} for method {cls.name!r}; valid keys: {sorted(names)}")
+    return cls.Config(**config)
+
+
+def make_method(name: str, **config: Any) -> Method:
+    """Build a registered method with its paper defaults, overridden by ``config``."""
+    cls = get_method_class(name)
+    return cls(make_config(cls, **config))

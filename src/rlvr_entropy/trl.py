@@ -30,10 +30,12 @@ import os
 from typing import Any
 
 import torch
+from transformers import TrainerCallback
 from trl import GRPOTrainer
 
 from rlvr_entropy import stats
 from rlvr_entropy.core.batch import TokenBatch
+from rlvr_entropy.diagnostics import EntropyChangeProbe
 from rlvr_entropy.methods.base import Method, get_method_class, make_method
 
 STATE_FILE = "rlvr_entropy_state.json"
@@ -67,6 +69,10 @@ class EntropyGRPOTrainer(GRPOTrainer):
     Args:
         method: a registered method name (``rlvr_entropy.available_methods()``) or a Method instance.
         method_config: config overrides for a named method (paper defaults otherwise).
+        diagnostics_every: every this many optimizer steps, probe the entropy change of the update: predicted per
+            token (exact first-order and STEER's closed form) on the step's first micro-batch, measured after the
+            optimizer step; Pearson/Spearman correlations are logged as "entropy_change/<form>/..." and every probe
+            is appended to ``<output_dir>/entropy_change.jsonl``. None (default) disables it.
         *args, **kwargs: passed to ``trl.GRPOTrainer`` unchanged.
 
     TRL's own ``loss_type``, ``epsilon``/``epsilon_high``, ``top_entropy_quantile`` and entropy bonus are not used
@@ -75,9 +81,17 @@ class EntropyGRPOTrainer(GRPOTrainer):
     """
 
     def __init__(self, *args: Any, method: str | Method = "grpo", method_config: dict[str, Any] | None = None,
-                 **kwargs: Any) -> None:
+                 diagnostics_every: int | None = None, **kwargs: Any) -> None:
         self.method = resolve_method(method, method_config)
+        if diagnostics_every is not None and (not isinstance(diagnostics_every, int) or diagnostics_every < 1):
+            raise ValueError(f"diagnostics_every must be a positive int or None, got {diagnostics_every!r}")
+        self.diagnostics_every = diagnostics_every
+        self.entropy_change_records: list = []
+        self._probe = EntropyChangeProbe()
+        self._probe_inputs: tuple | None = None
         super().__init__(*args, **kwargs)
+        if diagnostics_every is not None:
+            self.add_callback(_ProbeCallback(self))
         if getattr(self, "_entropy_bonus_enabled", False):
             raise ValueError("TRL's entropy_coef / use_adaptive_entropy cannot be combined with an rlvr-entropy "
                              "method; use method='entropy_bonus' or 'adaptive_entropy' instead")
@@ -154,6 +168,9 @@ class EntropyGRPOTrainer(GRPOTrainer):
             rewards=inputs.get("rewards"),
         )
         out = self.method.compute_loss(batch, step=self.state.global_step)
+        if (self.diagnostics_every and mode == "train" and self._probe_inputs is None
+                and self.state.global_step % self.diagnostics_every == 0):
+            self._arm_probe(model, batch, input_ids, attention_mask, completion_ids, logits_to_keep)
         loss = self._normalize(out.loss, mask, inputs, mode)
 
         if self.beta != 0.0:
@@ -170,6 +187,32 @@ class EntropyGRPOTrainer(GRPOTrainer):
         ent = torch.where(mask, entropies.detach(), torch.zeros_like(entropies)).sum() / mask.sum().clamp(min=1)
         self._metrics[mode]["entropy"].append(self.accelerator.gather(ent).mean().item())
         return loss
+
+    @torch.no_grad()
+    def _arm_probe(self, model, batch, input_ids, attention_mask, completion_ids, logits_to_keep):
+        logits = self._full_logits(model, input_ids, attention_mask, logits_to_keep).float()
+        terms = self.method.pg_terms(batch)
+        coef = terms.coef(batch.token_advantages())
+        self._probe.before(logits, completion_ids, coef, batch.mask, batch.token_advantages(),
+                           step=self.state.global_step)
+        self._probe_inputs = (input_ids, attention_mask, logits_to_keep)
+
+    @torch.no_grad()
+    def _finish_probe(self) -> None:
+        if self._probe_inputs is None:
+            return
+        input_ids, attention_mask, logits_to_keep = self._probe_inputs
+        self._probe_inputs = None
+        logits = self._full_logits(self.model, input_ids, attention_mask, logits_to_keep).float()
+        rec = self._probe.after(logits)
+        self.entropy_change_records.append(rec)
+        for k, v in rec.report.items():
+            if not k.startswith("count/"):
+                self._metrics["train"][f"entropy_change/{k}"].append(v)
+        if self.args.should_save:
+            os.makedirs(self.args.output_dir, exist_ok=True)
+            with open(os.path.join(self.args.output_dir, "entropy_change.jsonl"), "a") as f:
+                f.write(json.dumps(rec.to_json()) + "\n")
 
     def _normalize(self, loss, mask, inputs, mode):
         ga = self.current_gradient_accumulation_steps if mode == "train" else 1.0
@@ -203,3 +246,14 @@ class EntropyGRPOTrainer(GRPOTrainer):
                     raise ValueError(f"checkpoint {checkpoint} holds state of method {saved.get('method')!r}, "
                                      f"not {self.method.name!r}")
                 self.method.load_state_dict(saved["state"])
+
+
+class _ProbeCallback(TrainerCallback):
+    """Finishes an armed entropy-change probe right after the optimizer step."""
+
+    def __init__(self, trainer: EntropyGRPOTrainer) -> None:
+        self.trainer = trainer
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.trainer._finish_probe()
+        return control

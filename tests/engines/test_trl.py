@@ -144,3 +144,20 @@ def test_bad_method_and_conflicting_trl_options(tok, tmp_path):
         EntropyGRPOTrainer(model=make_model(tok), reward_funcs=digit_reward,
                            args=_args(tmp_path, top_entropy_quantile=0.2), train_dataset=make_dataset(),
                            processing_class=tok, method="grpo")
+
+
+def test_entropy_change_diagnostics_logged(tok, tmp_path):
+    t = EntropyGRPOTrainer(model=make_model(tok), reward_funcs=digit_reward,
+                           args=_args(tmp_path, max_steps=2, learning_rate=1e-3), train_dataset=make_dataset(),
+                           processing_class=tok, method="grpo", diagnostics_every=1)
+    t.train()
+    assert len(t.entropy_change_records) == 2
+    rec = t.entropy_change_records[0]
+    assert rec.measured.numel() > 0
+    logged = set().union(*[set(h) for h in t.state.log_history])
+    assert "entropy_change/exact/pearson" in logged and "entropy_change/steer/spearman" in logged
+    lines = open(os.path.join(str(tmp_path), "entropy_change.jsonl")).read().splitlines()
+    assert len(lines) == 2
+    with pytest.raises(ValueError, match="diagnostics_every"):
+        EntropyGRPOTrainer(model=make_model(tok), reward_funcs=digit_reward, args=_args(tmp_path),
+                           train_dataset=make_dataset(), processing_class=tok, diagnostics_every=0)

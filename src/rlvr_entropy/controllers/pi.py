@@ -1,0 +1,62 @@
+"""A discrete PI controller on the relative entropy error, with a target that is measured once (like SIREN's
+anchor) and an optional linear schedule."""
+from __future__ import annotations
+
+import math
+from typing import Any
+
+
+class EntropyPI:
+    """u = clip(kp * e + ki * I, -u_max, u_max), e = (H* - H) / H*, I <- clip(I + e, -i_max, i_max).
+
+    ``update(h)`` is called once per optimizer step with the measured entropy. The target H* is the first measured
+    value unless given; with ``target_end`` and ``schedule_steps`` it moves linearly from the start value to
+    ``target_end`` over that many steps.
+    """
+
+    def __init__(self, kp: float, ki: float, u_max: float = 1.0, i_max: float = 10.0, target: float | None = None,
+                 target_end: float | None = None, schedule_steps: int | None = None) -> None:
+        self.kp, self.ki, self.u_max, self.i_max = float(kp), float(ki), float(u_max), float(i_max)
+        self.target_start: float | None = None if target is None else float(target)
+        self.target_end = target_end
+        self.schedule_steps = schedule_steps
+        self.integral = 0.0
+        self.steps = 0
+        self.u = 0.0
+        self.last_error = 0.0
+        self.last_entropy: float | None = None
+
+    @property
+    def target(self) -> float | None:
+        if self.target_start is None:
+            return None
+        if self.target_end is None or not self.schedule_steps:
+            return self.target_start
+        frac = min(self.steps / self.schedule_steps, 1.0)
+        return self.target_start + frac * (float(self.target_end) - self.target_start)
+
+    def update(self, entropy: float) -> float:
+        h = float(entropy)
+        if not math.isfinite(h):
+            raise ValueError(f"measured entropy must be finite, got {entropy!r}")
+        if self.target_start is None:
+            self.target_start = h
+        tgt = self.target
+        e = (tgt - h) / max(abs(tgt), 1e-8)
+        self.integral = min(max(self.integral + e, -self.i_max), self.i_max)
+        self.u = min(max(self.kp * e + self.ki * self.integral, -self.u_max), self.u_max)
+        self.last_error, self.last_entropy = e, h
+        self.steps += 1
+        return self.u
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"target_start": self.target_start, "integral": self.integral, "steps": self.steps, "u": self.u,
+                "last_error": self.last_error, "last_entropy": self.last_entropy}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.target_start = None if state["target_start"] is None else float(state["target_start"])
+        self.integral = float(state["integral"])
+        self.steps = int(state["steps"])
+        self.u = float(state.get("u", 0.0))
+        self.last_error = float(state.get("last_error", 0.0))
+        self.last_entropy = state.get("last_entropy")

@@ -1,0 +1,190 @@
+"""Thermostat: closed-loop entropy control with exact first-order entropy-change predictions.
+
+The two seed methods are open-loop: SIREN pulls a selected entropy toward a fixed anchor with a fixed coefficient;
+STEER damps the tokens with the largest *estimated* entropy change whatever its direction and whatever the current
+entropy, with a closed form that tracks the true first-order change poorly. Thermostat closes the loop:
+
+1. Predict each token's first-order entropy change for the update the surrogate is about to make, exactly, from
+   its logits (steer.md, last section):
+       d_t = -w_t [pi_a (log pi_a + H) - sum_k pi_k^2 (log pi_k + H)],   w_t = A_t r_t if the token is not clipped,
+   else 0 (the gradient of the clipped surrogate with respect to log pi is -w_t).
+2. Keep a target entropy H* (default: the policy's token-mean entropy measured at the first step, saved state like
+   SIREN's anchor; optionally a linear schedule). A PI controller on the relative error e = (H* - H) / H* gives a
+   control signal u in [-1, 1]: the share of the batch's predicted entropy movement S = mean_t |d_t| to cancel.
+3. Damp only the tokens that push the wrong way (d_t < 0 when u > 0, i.e. entropy below target; d_t > 0 when
+   u < 0) with one weight lambda in [weight_min, 1], solved in closed form so that the weighted predicted batch
+   change moves by u * S:  lambda = clip(1 - |u| S / |sum_wrong d_t / N|, weight_min, 1). Every other token keeps
+   weight 1, so the policy-gradient signal pushing the right way is untouched.
+4. Optionally (``restrict="siren"``) only SIREN's positions (top-p entropy, per-response peak) are eligible for
+   damping.
+
+Design notes (why this form): a uniform weight on the wrong-way set is the minimum-change solution that keeps the
+relative ranking of tokens inside the set, has one closed-form parameter per batch, and reduces to GRPO exactly
+when u = 0 (at target, or kp = ki = 0). Weights never exceed 1, so the step size never grows (no explosion from
+the controller itself), unlike an entropy bonus.
+
+Deviations: the prediction is for a step on the logits (tabular softmax), not for Adam on the network weights; only
+its direction and relative size are used, and the controller corrects the residual through the measured entropy.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from rlvr_entropy import stats
+from rlvr_entropy.controllers.pi import EntropyPI
+from rlvr_entropy.core.aggregation import masked_mean
+from rlvr_entropy.core.validation import check_choice, check_float, check_int
+from rlvr_entropy.methods.base import Method, PGConfig, register_method
+
+
+@dataclass(frozen=True)
+class ThermostatConfig(PGConfig):
+    """Closed-loop entropy control (this library). PG defaults follow DAPO (clip-higher, token-mean)."""
+
+    eps_high: float = 0.28
+    """Clip-higher epsilon_high (DAPO, arXiv 2503.14476)."""
+    kp: float = 2.0
+    """Proportional gain on the relative entropy error (H* - H) / H*."""
+    ki: float = 0.2
+    """Integral gain (per step) on the accumulated relative error."""
+    i_max: float = 5.0
+    """Anti-windup clamp of the integral term."""
+    weight_min: float = 0.0
+    """Smallest weight a wrong-way token can get (1.0 disables damping)."""
+    target: float | None = None
+    """Target entropy H* in nats; None measures it at the first step (saved in state_dict)."""
+    target_end: float | None = None
+    """Optional end point of a linear target schedule."""
+    schedule_steps: int | None = None
+    """Steps over which the target moves from its start to target_end."""
+    restrict: str = "none"
+    """"none": every valid token is eligible for damping; "siren": only SIREN's selected positions."""
+    top_p: float = 0.8
+    """Nucleus for restrict="siren" (SIREN default, arXiv 2509.25133)."""
+    quantile: float = 0.8
+    """Per-response peak-entropy quantile for restrict="siren" (SIREN default)."""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_float("kp", self.kp, lo=0.0)
+        check_float("ki", self.ki, lo=0.0)
+        check_float("i_max", self.i_max, lo=0.0)
+        check_float("weight_min", self.weight_min, lo=0.0, hi=1.0)
+        if self.target is not None:
+            check_float("target", self.target, lo=0.0, lo_open=True)
+        if self.target_end is not None:
+            check_float("target_end", self.target_end, lo=0.0, lo_open=True)
+        check_int("schedule_steps", self.schedule_steps, lo=1, allow_none=True)
+        if (self.target_end is None) != (self.schedule_steps is None):
+            raise ValueError("target_end and schedule_steps must be set together")
+        check_choice("restrict", self.restrict, ("none", "siren"))
+        check_float("top_p", self.top_p, lo=0.0, hi=1.0, lo_open=True)
+        check_float("quantile", self.quantile, lo=0.0, hi=1.0)
+
+
+@torch.no_grad()
+def _entropy_change_terms(logits: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(H, sum_k pi_k^2 (log pi_k + H)) per position, [B, T] each; chunked over positions, no gradient."""
+    z, valid, lead = stats._flatten(logits, mask)
+    cd = torch.float64 if z.dtype == torch.float64 else torch.float32
+    chunk = stats.default_chunk_size(z.shape[-1])
+    h = torch.zeros(z.shape[0], dtype=cd, device=z.device)
+    s2 = torch.zeros_like(h)
+    for s in range(0, z.shape[0], chunk):
+        logp = torch.log_softmax(stats._rows(z, valid, s, s + chunk, cd), -1)
+        p = logp.exp()
+        plogp = torch.where(p > 0, p * logp, torch.zeros((), dtype=cd))
+        hb = -plogp.sum(-1)
+        h[s:s + chunk] = hb
+        s2[s:s + chunk] = (p * plogp).sum(-1) + (p * p).sum(-1) * hb
+    return h.reshape(lead), s2.reshape(lead)
+
+
+@torch.no_grad()
+def predicted_change(logits: torch.Tensor, log_prob: torch.Tensor, coef: torch.Tensor,
+                     mask: torch.Tensor) -> torch.Tensor:
+    """Exact first-order entropy change per token divided by the learning rate, [B, T] (0 at padding).
+
+    Same formula as ``stats.predicted_entropy_change(form="exact")`` but takes the sampled token's log-prob instead
+    of its id (a TokenBatch has no ids); logits [B, T, V], log_prob/coef/mask [B, T].
+    """
+    h, s2 = _entropy_change_terms(logits, mask)
+    lpa = torch.where(mask, log_prob.detach().to(h.dtype), torch.zeros((), dtype=h.dtype))
+    d = -coef.to(h.dtype) * (lpa.exp() * (lpa + h) - s2)
+    return torch.where(mask, d, torch.zeros_like(d))
+
+
+def damping_weight(d: torch.Tensor, eligible: torch.Tensor, u: float, weight_min: float) -> tuple[torch.Tensor, float]:
+    """Closed-form weights [B, T]: wrong-way eligible tokens get lambda, all others 1.
+
+    d [B, T] predicted changes, eligible bool [B, T], u the controller output (share of S = mean |d| to cancel).
+    Returns (weights, lambda).
+    """
+    ones = torch.ones_like(d)
+    n = eligible.sum().clamp(min=1)
+    if u == 0.0 or not bool(eligible.any()):
+        return ones, 1.0
+    wrong = eligible & ((d < 0) if u > 0 else (d > 0))
+    wrong_sum = torch.where(wrong, d, torch.zeros_like(d)).sum().abs() / n
+    if float(wrong_sum) <= 0.0:
+        return ones, 1.0
+    s = torch.where(eligible, d.abs(), torch.zeros_like(d)).sum() / n
+    lam = float(1.0 - abs(u) * s / wrong_sum)
+    lam = min(max(lam, weight_min), 1.0)
+    return torch.where(wrong, torch.full_like(d, lam), ones), lam
+
+
+@register_method
+class Thermostat(Method):
+    name = "thermostat"
+    Config = ThermostatConfig
+    needs = ("logits",)
+
+    def __init__(self, config=None, **overrides):
+        super().__init__(config, **overrides)
+        c = self.config
+        self.pi = EntropyPI(c.kp, c.ki, i_max=c.i_max, target=c.target, target_end=c.target_end,
+                            schedule_steps=c.schedule_steps)
+
+    def controllers(self):
+        return {"pi": self.pi}
+
+    @classmethod
+    def neutral_overrides(cls):
+        return {"kp": 0.0, "ki": 0.0}
+
+    def _loss(self, batch, *, new_step):
+        c = self.config
+        mask = batch.mask
+        adv = batch.token_advantages()
+        terms = self.pg_terms(batch, adv)
+        coef = terms.coef(adv)
+        d = predicted_change(batch.logits, batch.clean(batch.log_prob), coef, mask)
+        h_now = masked_mean(batch.current_entropy(self.name).detach(), mask)
+        if new_step and bool(mask.any()):
+            self.pi.update(float(h_now))
+        eligible = mask
+        if c.restrict == "siren":
+            from rlvr_entropy.methods.siren import peak_entropy_mask
+
+            hp = stats.top_p_entropy(batch.logits.detach(), p=c.top_p, mask=mask)
+            eligible = peak_entropy_mask(hp, mask, quantile=c.quantile)
+        w, lam = damping_weight(d, eligible, self.pi.u, c.weight_min)
+        loss = self.aggregate(w * terms.loss, mask)
+        with torch.no_grad():
+            metrics = self.pg_metrics(terms, batch)
+            metrics.update({
+                "target": float(self.pi.target) if self.pi.target is not None else float("nan"),
+                "entropy": h_now,
+                "error": self.pi.last_error,
+                "u": self.pi.u,
+                "integral": self.pi.integral,
+                "lambda": lam,
+                "predicted_change": masked_mean(d, mask),
+                "predicted_change_weighted": masked_mean(w * d, mask),
+                "damped_frac": masked_mean((w < 1).float(), mask),
+                "weight_mean": masked_mean(w, mask),
+            })
+        return loss, metrics

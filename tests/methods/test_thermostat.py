@@ -1,0 +1,128 @@
+"""Thermostat: hand cases for the closed-form weights and the PI controller, parity of its prediction with
+stats.predicted_entropy_change, and a closed-loop property on a tabular bandit."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import rlvr_entropy as re
+from rlvr_entropy import stats
+from rlvr_entropy.controllers.pi import EntropyPI
+from rlvr_entropy.methods.thermostat import damping_weight, predicted_change
+from tests.helpers import batch_from, make_leaves
+
+
+def test_damping_weight_hand_case():
+    # d = [-3, -1, +2, 0]; S = mean|d| = 6/4 = 1.5; wrong (u > 0) = d < 0: sum |d| / 4 = 1.0
+    d = torch.tensor([[-3.0, -1.0, 2.0, 0.0]])
+    el = torch.ones_like(d, dtype=torch.bool)
+    w, lam = damping_weight(d, el, u=0.4, weight_min=0.0)
+    # lambda = 1 - 0.4 * 1.5 / 1.0 = 0.4
+    assert lam == pytest.approx(0.4)
+    assert torch.allclose(w, torch.tensor([[0.4, 0.4, 1.0, 1.0]]))
+    # the weighted mean change moved by u * S = 0.6: from -0.5 to +0.1
+    assert (w * d).mean().item() == pytest.approx(d.mean().item() + 0.6)
+    # u < 0: wrong = d > 0: sum 2 / 4 = 0.5; lambda = 1 - 0.2 * 1.5 / 0.5 = 0.4
+    w, lam = damping_weight(d, el, u=-0.2, weight_min=0.0)
+    assert lam == pytest.approx(0.4) and torch.allclose(w, torch.tensor([[1.0, 1.0, 0.4, 1.0]]))
+    # clipped at weight_min
+    w, lam = damping_weight(d, el, u=1.0, weight_min=0.3)
+    assert lam == 0.3
+    # u = 0, or nothing eligible -> all ones
+    assert damping_weight(d, el, u=0.0, weight_min=0.0)[1] == 1.0
+    assert damping_weight(d, torch.zeros_like(el), u=0.5, weight_min=0.0)[1] == 1.0
+    # eligibility restricts the wrong-way set
+    el2 = torch.tensor([[False, True, True, True]])
+    w, lam = damping_weight(d, el2, u=0.1, weight_min=0.0)
+    assert w[0, 0] == 1.0 and w[0, 1] == pytest.approx(lam)
+
+
+def test_pi_controller_by_hand():
+    pi = EntropyPI(kp=2.0, ki=0.5, u_max=1.0, i_max=10.0)
+    assert pi.target is None
+    assert pi.update(1.0) == 0.0  # first measurement sets the target; error 0
+    assert pi.target == 1.0
+    # H = 0.8: e = 0.2, I = 0.2, u = 0.4 + 0.1 = 0.5
+    assert pi.update(0.8) == pytest.approx(0.5)
+    # H = 0.9: e = 0.1, I = 0.3, u = 0.2 + 0.15 = 0.35
+    assert pi.update(0.9) == pytest.approx(0.35)
+    # far above target: clipped at -1
+    assert pi.update(5.0) == -1.0
+    q = EntropyPI(kp=2.0, ki=0.5)
+    q.load_state_dict(pi.state_dict())
+    assert q.state_dict() == pi.state_dict() and q.target == 1.0
+    s = EntropyPI(1.0, 0.0, target=2.0, target_end=1.0, schedule_steps=4)
+    assert s.target == 2.0
+    s.update(2.0)
+    s.update(2.0)
+    assert s.target == pytest.approx(1.5)
+
+
+def test_prediction_equals_stats_exact_form():
+    leaves, tokens = make_leaves(seed=11)
+    coef = torch.randn(leaves["mask"].shape, dtype=torch.float64)
+    m = leaves["mask"]
+    lp_true = torch.log_softmax(leaves["logits"].detach(), -1).gather(-1, tokens[..., None]).squeeze(-1)
+    ours = predicted_change(leaves["logits"].detach(), lp_true, coef, m)
+    ref = stats.predicted_entropy_change(leaves["logits"].detach(), tokens, coef, form="exact", mask=m)
+    torch.testing.assert_close(ours, ref, rtol=1e-10, atol=1e-12)
+
+
+def test_config_validation():
+    with pytest.raises(ValueError, match="weight_min"):
+        re.make_method("thermostat", weight_min=1.5)
+    with pytest.raises(ValueError, match="restrict"):
+        re.make_method("thermostat", restrict="all")
+    with pytest.raises(ValueError, match="target_end"):
+        re.make_method("thermostat", target_end=0.5)
+
+
+def test_restrict_to_siren_positions_damps_only_selected():
+    leaves, _ = make_leaves(seed=12, B=4, T=10, V=9)
+    m = re.make_method("thermostat", restrict="siren", target=50.0, kp=1.0)  # far below target: u = 1
+    out = m.compute_loss(batch_from(leaves))
+    assert out.metrics["thermostat/u"] == 1.0
+    full = re.make_method("thermostat", target=50.0, kp=1.0).compute_loss(batch_from(leaves))
+    assert out.metrics["thermostat/damped_frac"] < full.metrics["thermostat/damped_frac"]
+
+
+def _bandit_run(method_name, steps=150, seed=0, **cfg):
+    """Tabular softmax over S contexts x V answers, 3 correct answers per context, GRPO groups of G samples."""
+    g = torch.Generator().manual_seed(seed)
+    S, V, G = 16, 8, 16
+    z = (torch.randn(S, V, generator=g) * 1.5).requires_grad_(True)
+    correct = torch.zeros(S, V, dtype=torch.bool)
+    for s in range(S):
+        correct[s, torch.randperm(V, generator=g)[:3]] = True
+    opt = torch.optim.Adam([z], lr=0.1)
+    method = re.make_method(method_name, **cfg)
+    ents, acc = [], 0.0
+    for step in range(steps):
+        with torch.no_grad():
+            probs = torch.softmax(z, -1)
+            acc = float((probs * correct).sum(-1).mean())
+            a = torch.multinomial(probs.repeat_interleave(G, 0), 1, generator=g).squeeze(-1)  # [S*G]
+            r = correct.repeat_interleave(G, 0).gather(1, a[:, None]).squeeze(-1).float()
+            adv = (r.view(S, G) - r.view(S, G).mean(1, keepdim=True)).view(-1)
+            old = torch.log_softmax(z, -1).repeat_interleave(G, 0).gather(1, a[:, None])  # [S*G, 1]
+            ents.append(float(stats.entropy(z).mean()))
+        logits = z.repeat_interleave(G, 0)[:, None, :]  # [S*G, 1, V]
+        lp = torch.log_softmax(logits, -1).gather(-1, a[:, None, None]).squeeze(-1)
+        batch = re.TokenBatch(log_prob=lp, old_log_prob=old, advantages=adv,
+                              mask=torch.ones(S * G, 1, dtype=torch.bool), logits=logits)
+        loss = method.compute_loss(batch, step=step).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return ents, acc
+
+
+def test_closed_loop_holds_entropy_where_grpo_collapses():
+    """Three valid answers per context: the best policy spreads over them (entropy up to ln 3 = 1.10). Plain GRPO
+    concentrates on fewer answers; the thermostat with target 1.0 settles there and still learns."""
+    grpo, grpo_acc = _bandit_run("grpo")
+    thermo, thermo_acc = _bandit_run("thermostat", target=1.0, kp=4.0, ki=0.5)
+    assert grpo[-1] < 0.6 and grpo_acc > 0.95
+    tail = thermo[-30:]
+    assert max(abs(h - 1.0) for h in tail) < 0.15, tail
+    assert thermo_acc > 0.9

@@ -1,0 +1,106 @@
+"""Plots for entropy-change diagnostics (matplotlib, imported lazily): predicted vs measured scatter, per-quadrant
+correlation bars, entropy percentiles over steps. Each function writes one PNG and returns its path.
+
+Inputs are the JSON records written by the engines (``entropy_change.jsonl``: one :meth:`ProbeRecord.to_json`
+per probe) and per-step entropy statistics (dicts with "step" and "entropy/p10" ... keys).
+"""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any, Iterable
+
+from rlvr_entropy.diagnostics import FORMS, QUADRANTS
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def load_probe_records(path: str | Path) -> list[dict[str, Any]]:
+    """Read an ``entropy_change.jsonl`` file (a missing file gives [])."""
+    p = Path(path)
+    if not p.exists():
+        return []
+    return [json.loads(line) for line in p.read_text().splitlines() if line.strip()]
+
+
+def scatter_predicted_vs_measured(records: list[dict[str, Any]], out: str | Path) -> Path:
+    """One panel per form: predicted (per unit lr) against measured entropy change, pooled over probes."""
+    plt = _plt()
+    fig, axes = plt.subplots(1, len(FORMS), figsize=(5 * len(FORMS), 4), squeeze=False)
+    colors = ["tab:blue", "tab:orange", "tab:green", "tab:red"]
+    for ax, form in zip(axes[0], FORMS):
+        for qi, q in enumerate(QUADRANTS):
+            xs, ys = [], []
+            for r in records:
+                for p, m, qq in zip(r.get(f"predicted_{form}", []), r["measured"], r["quadrant"]):
+                    if qq == qi:
+                        xs.append(p)
+                        ys.append(m)
+            ax.scatter(xs, ys, s=4, alpha=0.4, color=colors[qi], label=q.replace("_", " A, ").replace("pos", "A>0")
+                       .replace("neg", "A<0"))
+        vals = [r["report"].get(f"{form}/pearson", math.nan) for r in records]
+        vals = [v for v in vals if v == v]
+        mean = sum(vals) / len(vals) if vals else math.nan
+        ax.set_title(f"{form}: mean Pearson {mean:.3f}")
+        ax.set_xlabel("predicted change / lr")
+        ax.set_ylabel("measured entropy change")
+        ax.axhline(0, color="grey", lw=0.5)
+        ax.axvline(0, color="grey", lw=0.5)
+        ax.legend(fontsize=7, markerscale=3)
+    fig.tight_layout()
+    out = Path(out)
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
+
+
+def quadrant_bars(records: list[dict[str, Any]], out: str | Path) -> Path:
+    """Mean Pearson correlation per quadrant and form, averaged over probes."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    width = 0.8 / len(FORMS)
+    for fi, form in enumerate(FORMS):
+        means = []
+        for q in QUADRANTS:
+            vals = [r["report"].get(f"{form}/pearson/{q}", math.nan) for r in records]
+            vals = [v for v in vals if v == v]
+            means.append(sum(vals) / len(vals) if vals else 0.0)
+        ax.bar([i + fi * width for i in range(len(QUADRANTS))], means, width=width, label=form)
+    ax.set_xticks([i + width * (len(FORMS) - 1) / 2 for i in range(len(QUADRANTS))])
+    ax.set_xticklabels(["A>0, high p", "A>0, low p", "A<0, high p", "A<0, low p"])
+    ax.set_ylabel("Pearson(predicted, measured)")
+    ax.set_ylim(-1, 1)
+    ax.legend()
+    fig.tight_layout()
+    out = Path(out)
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
+
+
+def entropy_percentiles(rows: Iterable[dict[str, Any]], out: str | Path,
+                        keys: tuple[str, ...] = ("entropy/p10", "entropy/p50", "entropy/p90", "entropy/mean")) -> Path:
+    """Entropy percentiles over steps from per-step metric rows."""
+    plt = _plt()
+    rows = [r for r in rows if "step" in r]
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    for k in keys:
+        pts = [(r["step"], r[k]) for r in rows if k in r]
+        if pts:
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], label=k.split("/")[-1])
+    ax.set_xlabel("step")
+    ax.set_ylabel("token entropy (nats)")
+    ax.legend()
+    fig.tight_layout()
+    out = Path(out)
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out

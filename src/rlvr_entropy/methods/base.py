@@ -57,6 +57,10 @@ class Method:
     Config: ClassVar[type[PGConfig]] = PGConfig
     #: TokenBatch fields the method cannot work without (beyond log_prob/old_log_prob/advantages/mask).
     needs: ClassVar[tuple[str, ...]] = ()
+    #: False for methods whose loss uses stop-gradient functions of the differentiated inputs (e.g. STEER's weights
+    #: computed from log_prob under no_grad): finite differences then see a different function than autograd, by
+    #: design. Their own tests check the gradient against the reweighted surrogate instead.
+    smooth_in_inputs: ClassVar[bool] = True
 
     def __init__(self, config: PGConfig | None = None, **overrides: Any) -> None:
         if config is None:

@@ -141,6 +141,7 @@ class Thermostat(Method):
     name = "thermostat"
     Config = ThermostatConfig
     needs = ("logits",)
+    smooth_in_inputs = False  # weights are detached functions of log_prob and logits
 
     def __init__(self, config=None, **overrides):
         super().__init__(config, **overrides)

@@ -61,6 +61,8 @@ class Method:
     #: computed from log_prob under no_grad): finite differences then see a different function than autograd, by
     #: design. Their own tests check the gradient against the reweighted surrogate instead.
     smooth_in_inputs: ClassVar[bool] = True
+    #: Batch fields the method reads only under stop-gradient (e.g. entropy used for a mask or an advantage bonus).
+    detached_inputs: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, config: PGConfig | None = None, **overrides: Any) -> None:
         if config is None:

@@ -89,7 +89,9 @@ class LpReg(Method):
             kept = lp.detach() >= log_max.to(lp.dtype) + math.log(c.kappa)  # in the proxy's support
             protect = torch.zeros_like(mask)
             if bool(neg.any()) and c.rho > 0:
-                thr = torch.quantile(lp.detach()[neg].float(), c.rho)
+                vals = lp.detach()[neg]
+                vals = vals if vals.dtype in (torch.float32, torch.float64) else vals.float()
+                thr = torch.quantile(vals, c.rho)
                 protect = neg & (lp.detach() <= thr.to(lp.dtype)) & kept & (log_z < 0)
         # k3 with the proxy detached: log rho = sg(log pi_proxy) - log pi = (sg(log pi) - log Z) - log pi
         log_rho = (lp.detach() - log_z.to(lp.dtype)) - lp

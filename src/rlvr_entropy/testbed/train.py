@@ -1,0 +1,493 @@
+"""The lean GRPO loop of the CPU testbed (cleanrl-sized), its warm start and its evaluation.
+
+One step: sample ``prompts_per_step`` train problems x ``samples_per_prompt`` responses at temperature T with the
+KV cache; reward each with the task's verifier; GRPO advantages (reward - group mean, optionally / group std);
+then ``epochs`` passes over ``minibatches`` minibatches, each building a :class:`rlvr_entropy.TokenBatch`
+(log_prob, logits [B, T, V] and entropy with gradient from the current model; old_log_prob and old_entropy from the
+rollout policy; rewards) and calling ``method.compute_loss(batch, step=step)``; AdamW with gradient clipping.
+
+Every ``eval_every`` steps (and at steps 0 and the last): held-out problems x ``eval_samples`` samples, pass@1,
+unbiased pass@k, maj@k, distinct correct solutions, token entropy. Every step appends one JSON line to
+``metrics.jsonl`` (flushed). Checkpoints (model, optimizer, method state, RNG, step) every ``checkpoint_every``
+steps and at the end; a run restarts from its last checkpoint.
+
+Deviations from the prototype in /work/shared/TESTBED.md: the old log-probs are the sampling pass's (same
+weights, no dropout, so equal up to float rounding) instead of a second forward.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import random
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from rlvr_entropy.testbed.metrics import distinct_correct, maj_at_k, mean_pass_at_k
+from rlvr_entropy.testbed.model import ModelConfig, build_model, sample
+from rlvr_entropy.testbed.tasks import Problem, Task, final_answer, get_task
+from rlvr_entropy.testbed.tokenizer import CharTokenizer
+
+WARM_START_VERSION = 1  # bump when the warm-start recipe changes (part of the cache key)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Everything a testbed run needs besides the method (defaults from /work/shared/TESTBED.md)."""
+
+    task: str = "countdown3"
+    """Task name: countdown3, countdown4 or arith."""
+    seed: int = 0
+    """Seed of the RL run (problem draws, sampling, evaluation samples)."""
+    steps: int = 120
+    """Number of RL steps (plain GRPO's held-out entropy is ~50% of its start at step 120 with lr 1e-4)."""
+    prompts_per_step: int = 32
+    """Prompts per rollout."""
+    samples_per_prompt: int = 8
+    """Responses per prompt (the GRPO group size G)."""
+    minibatches: int = 2
+    """Optimizer steps per epoch over the rollout."""
+    epochs: int = 1
+    """Passes over the rollout."""
+    lr: float = 1e-4
+    """AdamW learning rate of the RL phase (constant)."""
+    weight_decay: float = 0.0
+    """AdamW weight decay."""
+    grad_clip: float = 1.0
+    """Gradient-norm clip (0 disables)."""
+    temperature: float = 1.0
+    """Sampling temperature; logits are divided by it in the loss too."""
+    adv_std_norm: bool = True
+    """Divide advantages by the group's reward std (GRPO); False gives Dr. GRPO's unscaled advantages."""
+    eval_every: int = 15
+    """Evaluate every this many steps (and at steps 0 and the last)."""
+    eval_problems: int = 128
+    """Held-out problems per evaluation."""
+    eval_samples: int = 8
+    """Samples per held-out problem (n of the unbiased pass@k)."""
+    eval_k: int = 8
+    """k of pass@k and maj@k (<= eval_samples)."""
+    checkpoint_every: int = 50
+    """Checkpoint every this many steps (and at the end); 0: only at the end."""
+    width: int = 128
+    """Model width."""
+    layers: int = 4
+    """Model layers."""
+    heads: int = 4
+    """Attention heads."""
+    mlp: int = 384
+    """MLP size."""
+    warm_start_steps: int = 600
+    """Supervised warm-start steps on uniformly drawn valid solutions (0: start from random weights)."""
+    warm_start_batch: int = 128
+    """Warm-start batch size."""
+    warm_start_lr: float = 2e-3
+    """Warm-start peak learning rate (cosine to 0)."""
+    warm_start_seed: int = 0
+    """Seed of the warm start (shared by every RL seed so runs start from the same policy)."""
+
+    def __post_init__(self) -> None:
+        get_task(self.task)
+        for name in ("steps", "warm_start_steps", "checkpoint_every"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        for name in ("prompts_per_step", "samples_per_prompt", "minibatches", "epochs", "eval_every",
+                     "eval_problems", "eval_samples", "eval_k", "width", "layers", "heads", "mlp",
+                     "warm_start_batch"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.eval_k > self.eval_samples:
+            raise ValueError(f"eval_k ({self.eval_k}) must be <= eval_samples ({self.eval_samples})")
+        if (self.prompts_per_step * self.samples_per_prompt) % self.minibatches:
+            raise ValueError("prompts_per_step * samples_per_prompt must be divisible by minibatches")
+        if not self.temperature > 0 or not self.lr > 0:
+            raise ValueError("temperature and lr must be > 0")
+
+    @property
+    def model(self) -> ModelConfig:
+        return ModelConfig(width=self.width, layers=self.layers, heads=self.heads, mlp=self.mlp)
+
+
+def parse_value(text: str, like: Any) -> Any:
+    """Parse a CLI ``key=value`` string into the type of ``like`` (the field default)."""
+    if isinstance(like, bool):
+        if text.lower() in ("1", "true", "yes", "on"):
+            return True
+        if text.lower() in ("0", "false", "no", "off"):
+            return False
+        raise ValueError(f"expected a boolean, got {text!r}")
+    if text.lower() == "none":
+        return None
+    if isinstance(like, int):
+        return int(text)
+    if isinstance(like, float):
+        return float(text)
+    if like is None:
+        for cast in (int, float):
+            try:
+                return cast(text)
+            except ValueError:
+                pass
+        return text
+    return text
+
+
+# --------------------------------------------------------------------------------------------- helpers
+def cache_dir() -> Path:
+    return Path(os.environ.get("RLVR_ENTROPY_CACHE", Path.home() / ".cache" / "rlvr-entropy"))
+
+
+def _encode_prompts(tok: CharTokenizer, problems: list[Problem]) -> torch.Tensor:
+    return torch.tensor([tok.encode(p.prompt) for p in problems], dtype=torch.long)
+
+
+def _response_logits(model, prompts: torch.Tensor, tokens: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Logits [N, T, V] predicting each response token (prompt [N, P] + response [N, T], right padding)."""
+    P = prompts.shape[1]
+    x = torch.cat([prompts, tokens], 1)  # [N, P + T]
+    logits = model(input_ids=x[:, :-1]).logits[:, P - 1:]  # [N, T, V]
+    return logits.float() / temperature
+
+
+# ------------------------------------------------------------------------------------------ warm start
+def warm_start_key(cfg: TrainConfig, vocab_size: int) -> str:
+    blob = json.dumps({"v": WARM_START_VERSION, "task": cfg.task, "model": asdict(cfg.model), "vocab": vocab_size,
+                       "steps": cfg.warm_start_steps, "batch": cfg.warm_start_batch, "lr": cfg.warm_start_lr,
+                       "seed": cfg.warm_start_seed}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def warm_start(model, task: Task, tok: CharTokenizer, cfg: TrainConfig, progress: bool = False) -> dict:
+    """Supervised training on solutions drawn uniformly from all valid ones (cosine lr). Returns stats."""
+    rng = random.Random(f"warm/{cfg.warm_start_seed}")
+    gen = task.problems("train", seed=cfg.warm_start_seed)
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.warm_start_lr, weight_decay=0.0)
+    n = cfg.warm_start_steps
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, n) / n)))
+    model.train()
+    bar = _bar(n, "warm start", progress)
+    loss_v = float("nan")
+    t0 = time.time()
+    with torch.random.fork_rng():
+        torch.manual_seed(cfg.warm_start_seed)
+        for _ in range(n):
+            probs = [next(gen) for _ in range(cfg.warm_start_batch)]
+            resp = [tok.encode(rng.choice(task.solutions(p)), eos=True) for p in probs]
+            T = max(map(len, resp))
+            tokens = torch.tensor([r + [tok.pad_id] * (T - len(r)) for r in resp])
+            mask = torch.tensor([[i < len(r) for i in range(T)] for r in resp])
+            logits = _response_logits(model, _encode_prompts(tok, probs), tokens, 1.0)
+            nll = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), tokens.reshape(-1),
+                                                    reduction="none").view_as(mask.float())
+            loss = (nll * mask).sum() / mask.sum()
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+            sched.step()
+            loss_v = float(loss.detach())
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(loss=f"{loss_v:.3f}")
+    if bar is not None:
+        bar.close()
+    return {"warm_start_loss": loss_v, "warm_start_s": time.time() - t0}
+
+
+def initial_model(cfg: TrainConfig, task: Task, tok: CharTokenizer, progress: bool = False, use_cache: bool = True):
+    """The warm-started model for ``cfg``: loaded from the cache (``$RLVR_ENTROPY_CACHE`` or
+    ``~/.cache/rlvr-entropy``, file named by a hash of the recipe) or from ``testbed/assets/`` when a copy is
+    shipped there, else trained with :func:`warm_start` and cached."""
+    model = build_model(tok.vocab_size, cfg.model, seed=cfg.warm_start_seed, pad_id=tok.pad_id, eos_id=tok.eos_id,
+                        bos_id=tok.bos_id)
+    if cfg.warm_start_steps == 0:
+        return model
+    name = f"{cfg.task}-{warm_start_key(cfg, tok.vocab_size)}.pt"
+    path = cache_dir() / "warm_start" / name
+    shipped = Path(__file__).parent / "assets" / name  # optional copy shipped with the package (same recipe)
+    for p in ((path, shipped) if use_cache else ()):
+        if p.exists():
+            model.load_state_dict(torch.load(p, map_location="cpu", weights_only=True))
+            return model
+    warm_start(model, task, tok, cfg, progress=progress)
+    if use_cache:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".tmp{os.getpid()}")
+        torch.save(model.state_dict(), tmp)
+        os.replace(tmp, path)
+    return model
+
+
+# ------------------------------------------------------------------------------------------ evaluation
+def eval_problems(task: Task, n: int) -> list[Problem]:
+    """The fixed held-out set (independent of the run seed so every run is scored on the same problems)."""
+    return task.sample("eval", n, seed=0, unique=True)
+
+
+@torch.no_grad()
+def evaluate(model, task: Task, tok: CharTokenizer, problems: list[Problem], n: int, k: int, temperature: float,
+             seed: int) -> dict[str, float]:
+    gen = torch.Generator().manual_seed(seed)
+    prompts = _encode_prompts(tok, problems).repeat_interleave(n, 0)
+    s = sample(model, prompts, task.max_response_len, tok.eos_id, tok.pad_id, temperature, gen)
+    texts, ok = _score(task, tok, problems, s.tokens, n)
+    correct = [ok[i * n:(i + 1) * n] for i in range(len(problems))]
+    resp = [texts[i * n:(i + 1) * n] for i in range(len(problems))]
+    out = {"eval/pass@1": mean_pass_at_k(correct, 1), "eval/pass@k": mean_pass_at_k(correct, k), "eval/k": k}
+    kk = 1
+    while kk <= n:
+        out[f"eval/pass@{kk}"] = mean_pass_at_k(correct, kk)
+        kk *= 2
+    out[f"eval/pass@{n}"] = mean_pass_at_k(correct, n)
+    if task.kind == "countdown":  # vote over whole scratchpads (see metrics.py)
+        maj = [maj_at_k(rs, lambda r, p=p: task.verify(p, r), k) for rs, p in zip(resp, problems)]
+    else:
+        maj = [maj_at_k([final_answer(r) if r is not None else None for r in rs], str(p.target), k)
+               for rs, p in zip(resp, problems)]
+    out["eval/maj@k"] = sum(maj) / len(maj)
+    out["eval/distinct_correct"] = sum(distinct_correct([r or "" for r in rs], c)
+                                       for rs, c in zip(resp, correct)) / len(problems)
+    m = s.mask
+    out["eval/entropy"] = float(s.entropy.sum() / m.sum().clamp(min=1))
+    out["eval/response_len"] = float(m.sum(1).float().mean())
+    return out
+
+
+def _score(task: Task, tok: CharTokenizer, problems: list[Problem], tokens: torch.Tensor, n: int):
+    """Decoded responses (None when no EOS was produced) and verifier verdicts, row by row."""
+    has_eos = (tokens == tok.eos_id).any(1).tolist()
+    texts, ok = [], []
+    for i, row in enumerate(tokens.tolist()):
+        if not has_eos[i]:
+            texts.append(None)
+            ok.append(False)
+            continue
+        t = tok.decode(row)
+        texts.append(t)
+        ok.append(task.verify(problems[i // n], t))
+    return texts, ok
+
+
+# ------------------------------------------------------------------------------------------ the loop
+def grpo_advantages(rewards: torch.Tensor, group: int, std_norm: bool, eps: float = 1e-6) -> torch.Tensor:
+    """rewards [N] in groups of ``group`` consecutive responses -> advantages [N]: (r - mean_g) [/ (std_g + eps)]
+    with the unbiased std, as in verl's GRPO."""
+    r = rewards.view(-1, group)
+    a = r - r.mean(1, keepdim=True)
+    if std_norm:
+        a = a / (r.std(1, keepdim=True) + eps)
+    return a.reshape(-1)
+
+
+def _bar(total: int, desc: str, enabled: bool, initial: int = 0):
+    if not enabled:
+        return None
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        return None
+    return tqdm(total=total, initial=initial, desc=desc, leave=False, dynamic_ncols=True)
+
+
+def _jsonable(v: Any) -> Any:
+    if isinstance(v, torch.Tensor):
+        return float(v.detach().float().mean()) if v.numel() else float("nan")
+    return v
+
+
+def _prepare_method(method, batch) -> None:
+    """Let a method measure something on the whole first rollout (e.g. SIREN's entropy anchor), when it offers
+    a hook for it; otherwise its first ``compute_loss`` call does so itself."""
+    for name in ("prepare", "set_anchor_from_batch", "set_anchor_from"):
+        hook = getattr(method, name, None)
+        if callable(hook):
+            hook(batch)
+            return
+
+
+def train(method_name: str, cfg: TrainConfig, out_dir: str | os.PathLike, method_overrides: dict | None = None,
+          resume: bool = True, progress: bool = True, use_cache: bool = True, threads: int | None = 1
+          ) -> dict[str, Any]:
+    """Run (or resume) one testbed run; writes ``metrics.jsonl``, ``config.json`` and ``ckpt.pt`` in ``out_dir``.
+    Returns the last evaluation's metrics plus ``wall_s``.
+
+    ``threads``: torch intra-op threads during the run (None: leave torch's setting). The default 1 is deliberate:
+    on a shared 2-core machine two threads per process make each step ~30x slower as soon as another process
+    competes for the cores (measured: generation 0.27 s -> 8.6 s), while one thread loses < 2x when idle."""
+    if threads is None:
+        return _train(method_name, cfg, out_dir, method_overrides, resume, progress, use_cache)
+    old = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        return _train(method_name, cfg, out_dir, method_overrides, resume, progress, use_cache)
+    finally:
+        torch.set_num_threads(old)
+
+
+def _train(method_name, cfg, out_dir, method_overrides, resume, progress, use_cache):
+    from rlvr_entropy import TokenBatch, make_method
+    from rlvr_entropy.stats import entropy as entropy_fn
+
+    method_overrides = dict(method_overrides or {})
+    method = make_method(method_name, **method_overrides)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    task = get_task(cfg.task)
+    tok = CharTokenizer()
+    t_start = time.time()
+    model = initial_model(cfg, task, tok, progress=progress, use_cache=use_cache)
+    setup_s = time.time() - t_start
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    evals = eval_problems(task, cfg.eval_problems)
+    G = cfg.samples_per_prompt
+    ref_model = None
+    if "ref_log_prob" in getattr(method, "needs", ()):  # a frozen copy of the starting policy
+        import copy
+
+        ref_model = copy.deepcopy(model).eval().requires_grad_(False)
+
+    ckpt_path = out / "ckpt.pt"
+    metrics_path = out / "metrics.jsonl"
+    start = 0
+    wall_before = 0.0
+    last_eval: dict[str, Any] = {}
+    if resume and ckpt_path.exists():
+        ck = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+        if ck["method"] != method_name:
+            raise ValueError(f"{out} holds a checkpoint of method {ck['method']!r}, not {method_name!r}; "
+                             "use another --out or delete it")
+        mine = {k: v for k, v in asdict(cfg).items() if k != "steps"}
+        theirs = {k: v for k, v in ck.get("config", {}).items() if k != "steps"}
+        if mine != theirs or ck.get("method_overrides", method_overrides) != method_overrides:
+            diff = sorted(k for k in set(mine) | set(theirs) if mine.get(k) != theirs.get(k))
+            raise ValueError(f"{out} holds a checkpoint of a different configuration (differs in "
+                             f"{diff or ['method overrides']}); resume with the same settings, or start over "
+                             "(--no-resume / resume=False) or use another output directory")
+        model.load_state_dict(ck["model"])
+        opt.load_state_dict(ck["optimizer"])
+        method.load_state_dict(ck["method_state"])
+        gen.set_state(ck["rng"])
+        torch.set_rng_state(ck["torch_rng"])
+        start = int(ck["step"])
+        wall_before = float(ck.get("wall_s", 0.0))
+        last_eval = ck.get("last_eval", {})
+        kept = []
+        if metrics_path.exists():  # drop lines written after the checkpoint
+            for line in metrics_path.read_text().splitlines():
+                try:
+                    if json.loads(line).get("step", 0) <= start:
+                        kept.append(line)
+                except json.JSONDecodeError:
+                    break  # a torn last line
+        metrics_path.write_text("".join(x + "\n" for x in kept))
+    else:
+        metrics_path.write_text("")
+    (out / "config.json").write_text(json.dumps({"method": method_name, "method_overrides": method_overrides,
+                                                 "method_config": _jsonable_config(method.config),
+                                                 "train": asdict(cfg), "engine": "lean"}, indent=2))
+    f = metrics_path.open("a")
+    t_loop = time.time()
+
+    def wall() -> float:
+        return wall_before + time.time() - t_loop
+
+    def write(rec: dict) -> None:
+        f.write(json.dumps({k: _jsonable(v) for k, v in rec.items()}) + "\n")
+        f.flush()
+
+    def save(step: int) -> None:
+        tmp = ckpt_path.with_suffix(".tmp")
+        torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(), "method": method_name,
+                    "method_state": method.state_dict(), "rng": gen.get_state(),
+                    "torch_rng": torch.get_rng_state(), "step": step, "wall_s": wall(), "last_eval": last_eval,
+                    "config": asdict(cfg), "method_overrides": method_overrides}, tmp)
+        os.replace(tmp, ckpt_path)
+
+    def do_eval(step: int) -> dict:
+        return evaluate(model, task, tok, evals, cfg.eval_samples, cfg.eval_k, cfg.temperature,
+                        seed=cfg.seed * 100_003 + step)
+
+    if start == 0:
+        last_eval = do_eval(0)
+        write({"step": 0, "wall_s": wall(), "setup_s": setup_s, **last_eval})
+    bar = _bar(cfg.steps, f"{method_name} s{cfg.seed}", progress, initial=start)
+    for step in range(start + 1, cfg.steps + 1):
+        t0 = time.time()
+        problems = task.sample("train", cfg.prompts_per_step, seed=f"{cfg.seed}-{step}")
+        prompts = _encode_prompts(tok, problems).repeat_interleave(G, 0)  # [N, P]
+        s = sample(model, prompts, task.max_response_len, tok.eos_id, tok.pad_id, cfg.temperature, gen)
+        _, ok = _score(task, tok, problems, s.tokens, G)
+        rewards = torch.tensor(ok, dtype=torch.float32)  # [N]
+        adv = grpo_advantages(rewards, G, cfg.adv_std_norm)  # [N]
+        t_gen = time.time() - t0
+        if step == 1 and start == 0:
+            with torch.no_grad():
+                lg = _response_logits(model, prompts, s.tokens, cfg.temperature)
+                _prepare_method(method, TokenBatch(log_prob=s.log_prob, old_log_prob=s.log_prob, advantages=adv,
+                                                   mask=s.mask, logits=lg, entropy=entropy_fn(lg, mask=s.mask),
+                                                   old_entropy=s.entropy, rewards=rewards))
+        N = prompts.shape[0]
+        mb = N // cfg.minibatches
+        agg: dict[str, float] = {}
+        n_mb = 0
+        for _ in range(cfg.epochs):
+            perm = torch.randperm(N, generator=gen)
+            for i in range(cfg.minibatches):
+                idx = perm[i * mb:(i + 1) * mb]
+                tk, m = s.tokens[idx], s.mask[idx]
+                T = int(m.sum(1).max())  # trim the all-padding tail
+                tk, m = tk[:, :T], m[:, :T]
+                logits = _response_logits(model, prompts[idx], tk, cfg.temperature)  # [b, T, V]
+                logp = torch.log_softmax(logits, -1).gather(-1, tk[..., None]).squeeze(-1)  # [b, T]
+                ref = None
+                if ref_model is not None:
+                    with torch.no_grad():
+                        ref = torch.log_softmax(_response_logits(ref_model, prompts[idx], tk, cfg.temperature),
+                                                -1).gather(-1, tk[..., None]).squeeze(-1)
+                batch = TokenBatch(log_prob=logp, old_log_prob=s.log_prob[idx, :T], advantages=adv[idx], mask=m,
+                                   logits=logits, entropy=entropy_fn(logits, mask=m),
+                                   old_entropy=s.entropy[idx, :T], ref_log_prob=ref, rewards=rewards[idx])
+                lo = method.compute_loss(batch, step=step)
+                opt.zero_grad(set_to_none=True)
+                lo.loss.backward()
+                gn = (torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip) if cfg.grad_clip > 0
+                      else torch.zeros(()))
+                opt.step()
+                for k, v in {"loss": lo.loss.detach(), "grad_norm": gn, **lo.metrics}.items():
+                    agg[k] = agg.get(k, 0.0) + float(_jsonable(v))
+                n_mb += 1
+        rec = {"step": step, "reward": float(rewards.mean()),
+               "entropy": float(s.entropy.sum() / s.mask.sum().clamp(min=1)),
+               "response_len": float(s.mask.sum(1).float().mean()),
+               **{k: v / n_mb for k, v in agg.items()}, "gen_s": t_gen, "step_s": time.time() - t0}
+        if step % cfg.eval_every == 0 or step == cfg.steps:
+            last_eval = do_eval(step)
+            rec.update(last_eval)
+        rec["wall_s"] = wall()
+        write(rec)
+        if (cfg.checkpoint_every and step % cfg.checkpoint_every == 0) or step == cfg.steps:
+            save(step)
+        if bar is not None:
+            bar.update(1)
+            bar.set_postfix(H=f"{rec['entropy']:.3f}", R=f"{rec['reward']:.2f}")
+    if bar is not None:
+        bar.close()
+    f.close()
+    if start >= cfg.steps and not ckpt_path.exists():
+        save(start)
+    return {**last_eval, "wall_s": wall(), "steps": cfg.steps}
+
+
+def _jsonable_config(c) -> dict:
+    out = {}
+    for fld in dataclasses.fields(c):
+        v = getattr(c, fld.name)
+        out[fld.name] = v if isinstance(v, (int, float, str, bool, type(None), list, tuple)) else repr(v)
+    return out

@@ -1,0 +1,89 @@
+"""CLI smoke tests on a tiny config: run, report, compare, errors."""
+import json
+
+import pytest
+
+from rlvr_entropy import cli
+
+TINY = ["width=32", "layers=1", "heads=2", "mlp=64", "warm_start_steps=0", "prompts_per_step=4",
+        "samples_per_prompt=4", "eval_problems=4", "eval_samples=4", "eval_k=2", "eval_every=1"]
+
+
+@pytest.fixture(autouse=True)
+def _cache(monkeypatch, tmp_path):
+    monkeypatch.setenv("RLVR_ENTROPY_CACHE", str(tmp_path / "cache"))
+
+
+def test_run_then_report(tmp_path, capsys):
+    out = tmp_path / "r"
+    assert cli.main(["run", "--method", "grpo", "--steps", "2", "--out", str(out), "--quiet", *TINY,
+                     "eps_high=0.28"]) == 0
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["method_config"]["eps_high"] == 0.28 and cfg["train"]["width"] == 32
+    assert len((out / "metrics.jsonl").read_text().splitlines()) == 3
+    (out / "summary.json").unlink()
+    (out / "report.html").unlink()
+    assert cli.main(["report", str(out)]) == 0
+    s = json.loads((out / "summary.json").read_text())["methods"]["grpo"]
+    for key in ("entropy_start", "entropy_end", "pass@1_start", "pass@1_end", "pass@k_start", "pass@k_end", "k",
+                "maj@k_end", "distinct_answers_end", "wall_s"):
+        assert key in s
+    assert s["k"] == 2
+    html = (out / "report.html").read_text()
+    assert "data:image/png;base64" in html and "grpo" in html
+    for png in ("entropy.png", "pass_at_k.png", "pass_at_k_vs_k.png", "distinct_correct.png"):
+        assert (out / png).stat().st_size > 0
+
+
+@pytest.mark.parametrize("jobs", ["1", "2"])
+def test_compare_two_seeds(tmp_path, jobs):
+    out = tmp_path / "c"
+    assert cli.main(["compare", "--methods", "grpo", "--seeds", "0,1", "--steps", "1", "--out", str(out),
+                     "--quiet", "--no-plots", "--jobs", jobs, *TINY]) == 0
+    s = json.loads((out / "summary.json").read_text())
+    assert s["methods"]["grpo"]["n_seeds"] == 2 and "compare_wall_s" in s
+    assert (out / "grpo" / "seed1" / "metrics.jsonl").exists()
+
+
+@pytest.mark.parametrize("argv,msg", [
+    (["run", "--method", "nope", "--steps", "1"], "available:"),
+    (["run", "--method", "grpo", "--steps", "1", "bogus_key=1"], "bogus_key"),
+    (["run", "--method", "grpo", "--steps", "1", "lr=abc"], "lr"),
+    (["run", "--method", "grpo", "--steps", "1", "--engine", "trl"], "not implemented yet"),
+    (["run", "--method", "grpo", "--steps", "1", "--task", "chess"], "unknown task"),
+    (["compare", "--methods", "grpo,nope"], "available:"),
+    (["report", "/nonexistent/dir"], "does not exist"),
+    (["compare", "--methods", "grpo", "--seeds", "a"], "--seeds"),
+])
+def test_clear_errors(argv, msg, capsys):
+    assert cli.main(argv) == 2
+    assert msg in capsys.readouterr().err
+
+
+def test_eval_subcommand_is_wired(capsys):
+    mod, _ = cli._eval_module()
+    if mod is None:
+        assert cli.main(["eval"]) == 2
+        assert "eval" in capsys.readouterr().err
+    else:
+        with pytest.raises(SystemExit):  # its own parser: --help exits 0
+            cli.main(["eval", "--help"])
+
+
+def test_resume_with_other_config_is_refused(tmp_path, capsys):
+    out = str(tmp_path / "r")
+    assert cli.main(["run", "--method", "grpo", "--steps", "1", "--out", out, "--quiet", "--no-plots", *TINY]) == 0
+    assert cli.main(["run", "--method", "grpo", "--steps", "2", "--out", out, "--quiet", "--no-plots", *TINY,
+                     "lr=3e-4"]) == 2
+    assert "different configuration" in capsys.readouterr().err
+    assert cli.main(["run", "--method", "grpo", "--steps", "2", "--out", out, "--quiet", "--no-plots", *TINY]) == 0
+
+
+def test_demo_compares_the_default_methods(tmp_path):
+    import rlvr_entropy
+
+    out = tmp_path / "d"
+    assert cli.main(["demo", "--steps", "1", "--out", str(out), "--quiet", "--no-plots", "--jobs", "1", *TINY]) == 0
+    s = json.loads((out / "summary.json").read_text())
+    expected = [m for m in cli.DEMO_METHODS if m in rlvr_entropy.available_methods()]
+    assert sorted(s["methods"]) == sorted(expected) and "grpo" in expected

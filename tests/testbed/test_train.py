@@ -1,0 +1,133 @@
+"""The lean loop on a tiny model: every registered method trains, writes metrics, resumes exactly."""
+import json
+from math import comb
+
+import pytest
+import torch
+
+import rlvr_entropy
+from rlvr_entropy.testbed import metrics as M
+from rlvr_entropy.testbed.tasks import Task
+from rlvr_entropy.testbed.train import TrainConfig, grpo_advantages, train
+
+TINY = dict(width=32, layers=1, heads=2, mlp=64, warm_start_steps=0, prompts_per_step=4, samples_per_prompt=4,
+            eval_problems=4, eval_samples=4, eval_k=2, eval_every=1, checkpoint_every=1)
+
+
+@pytest.fixture(autouse=True)
+def _parity_reward(monkeypatch, tmp_path):
+    # A random tiny model never solves Countdown; reward even-length responses so advantages are not all zero.
+    monkeypatch.setattr(Task, "verify", lambda self, p, r: len(r) % 2 == 0)
+    monkeypatch.setenv("RLVR_ENTROPY_CACHE", str(tmp_path / "cache"))
+
+
+def _rows(d):
+    return [json.loads(x) for x in (d / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.parametrize("method", rlvr_entropy.available_methods())
+def test_two_steps_change_parameters_and_write_metrics(method, tmp_path):
+    from rlvr_entropy.testbed.model import build_model
+    from rlvr_entropy.testbed.tokenizer import CharTokenizer
+
+    cfg = TrainConfig(steps=2, **TINY)
+    res = train(method, cfg, tmp_path / "run", progress=False)
+    rows = _rows(tmp_path / "run")
+    assert [r["step"] for r in rows] == [0, 1, 2]
+    assert all("eval/pass@1" in r and "eval/entropy" in r for r in rows)
+    assert all(f"{method}/clip_frac" in r or any(k.startswith(f"{method}/") for k in r) for r in rows[1:])
+    assert 0.0 <= res["eval/pass@k"] <= 1.0
+    init = build_model(CharTokenizer().vocab_size, cfg.model, seed=cfg.warm_start_seed).state_dict()
+    final = torch.load(tmp_path / "run" / "ckpt.pt", weights_only=False)["model"]
+    assert any(not torch.equal(init[k], final[k]) for k in init)
+
+
+@pytest.mark.parametrize("method", sorted({"grpo"} | {m for m in rlvr_entropy.available_methods()
+                                                      if rlvr_entropy.make_method(m).controllers()}))
+def test_resume_continues_step_count_and_restores_state(method, tmp_path):
+    straight, split = tmp_path / "a", tmp_path / "b"
+    train(method, TrainConfig(steps=3, **TINY), straight, progress=False)
+    train(method, TrainConfig(steps=2, **TINY), split, progress=False)
+    mid = torch.load(split / "ckpt.pt", weights_only=False)
+    with (split / "metrics.jsonl").open("a") as f:  # a step written after the checkpoint must be dropped
+        f.write(json.dumps({"step": 3, "junk": 1}) + "\n")
+    train(method, TrainConfig(steps=3, **TINY), split, progress=False)
+    ra, rb = _rows(straight), _rows(split)
+    assert [r["step"] for r in rb] == [0, 1, 2, 3] and "junk" not in rb[-1]
+    drop = {"wall_s", "step_s", "gen_s", "setup_s"}
+    for x, y in zip(ra, rb):
+        assert {k: v for k, v in x.items() if k not in drop} == pytest.approx(
+            {k: v for k, v in y.items() if k not in drop}, nan_ok=True)
+    a_end = torch.load(straight / "ckpt.pt", weights_only=False)
+    b_end = torch.load(split / "ckpt.pt", weights_only=False)
+    assert b_end["step"] == 3 and mid["step"] == 2
+    assert a_end["method_state"] == b_end["method_state"]
+    for k in a_end["model"]:
+        assert torch.equal(a_end["model"][k], b_end["model"][k])
+
+
+def test_pass_at_k_is_the_unbiased_estimator():
+    # n=4, c=1, k=2: 1 - C(3,2)/C(4,2) = 1 - 3/6 = 0.5 ("any correct in the first 2" would give 0 or 1)
+    assert M.pass_at_k(4, 1, 2) == pytest.approx(0.5)
+    assert M.pass_at_k(8, 0, 8) == 0.0 and M.pass_at_k(8, 1, 8) == 1.0 and M.pass_at_k(5, 2, 1) == pytest.approx(0.4)
+    for n in range(1, 9):
+        for c in range(n + 1):
+            for k in range(1, n + 1):
+                # reference: probability that a random k-subset of the n samples holds a correct one
+                ref = 1 - comb(n - c, k) / comb(n, k)
+                assert M.pass_at_k(n, c, k) == pytest.approx(ref)
+    assert M.mean_pass_at_k([[True, False, False, False], [True] * 4], 2) == pytest.approx(0.75)
+    with pytest.raises(ValueError):
+        M.pass_at_k(4, 1, 5)
+
+
+def test_maj_and_distinct():
+    assert M.maj_at_k(["22", "21", "22", None], "22", 4)
+    assert not M.maj_at_k([None, None, "22"], "22", 3)
+    assert not M.maj_at_k(["21", "22"], "22", 2)  # tie -> earliest
+    assert M.maj_at_k(["a", "b", "b"], lambda r: r == "b", 3) and not M.maj_at_k(["a", "b"], lambda r: r == "b", 2)
+    assert M.distinct_correct(["a", "a", "b", "c"], [True, True, True, False]) == 2
+
+
+def test_grpo_advantages():
+    r = torch.tensor([1.0, 0.0, 0.0, 0.0, 1.0, 1.0, 1.0, 1.0])
+    a = grpo_advantages(r, 4, std_norm=False)
+    assert torch.allclose(a, torch.tensor([0.75, -0.25, -0.25, -0.25, 0, 0, 0, 0]))
+    s = grpo_advantages(r, 4, std_norm=True)
+    assert torch.allclose(s[:4], torch.tensor([0.75, -0.25, -0.25, -0.25]) / (0.5 + 1e-6))  # unbiased std = 0.5
+    assert torch.equal(s[4:], torch.zeros(4))
+
+
+def test_warm_start_is_cached_by_recipe(tmp_path, monkeypatch):
+    from rlvr_entropy.testbed import train as T
+    from rlvr_entropy.testbed.tasks import get_task
+    from rlvr_entropy.testbed.tokenizer import CharTokenizer
+
+    tok, task = CharTokenizer(), get_task("countdown3")
+    cfg = TrainConfig(**{**TINY, "warm_start_steps": 3, "warm_start_batch": 8})
+    a = T.initial_model(cfg, task, tok)
+    files = list((tmp_path / "cache" / "warm_start").glob("countdown3-*.pt"))
+    assert len(files) == 1
+    monkeypatch.setattr(T, "warm_start", lambda *a, **k: (_ for _ in ()).throw(AssertionError("retrained")))
+    b = T.initial_model(cfg, task, tok)
+    assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+    fresh = T.build_model(tok.vocab_size, cfg.model, seed=0).state_dict()
+    assert any(not torch.equal(fresh[k], v) for k, v in a.state_dict().items())  # it did train
+    other = TrainConfig(**{**TINY, "warm_start_steps": 4, "warm_start_batch": 8})
+    assert T.warm_start_key(other, tok.vocab_size) != T.warm_start_key(cfg, tok.vocab_size)
+    assert T.warm_start_key(TrainConfig(**{**TINY, "warm_start_steps": 3, "warm_start_batch": 8, "lr": 1.0}),
+                            tok.vocab_size) == T.warm_start_key(cfg, tok.vocab_size)  # RL settings do not matter
+
+
+def test_prepare_hook_gets_the_first_rollout():
+    from rlvr_entropy.testbed.train import _prepare_method
+
+    seen = []
+
+    class WithHook:
+        def prepare(self, batch):
+            seen.append(batch)
+
+    _prepare_method(WithHook(), "batch")
+    _prepare_method(object(), "ignored")  # no hook: nothing happens
+    assert seen == ["batch"]

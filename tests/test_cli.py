@@ -49,7 +49,7 @@ def test_compare_two_seeds(tmp_path, jobs):
     (["run", "--method", "nope", "--steps", "1"], "available:"),
     (["run", "--method", "grpo", "--steps", "1", "bogus_key=1"], "bogus_key"),
     (["run", "--method", "grpo", "--steps", "1", "lr=abc"], "lr"),
-    (["run", "--method", "grpo", "--steps", "1", "--engine", "trl"], "not implemented yet"),
+    (["run", "--method", "grpo", "--steps", "1", "--engine", "jax"], "unknown engine"),
     (["run", "--method", "grpo", "--steps", "1", "--task", "chess"], "unknown task"),
     (["compare", "--methods", "grpo,nope"], "available:"),
     (["report", "/nonexistent/dir"], "does not exist"),
@@ -87,3 +87,17 @@ def test_demo_compares_the_default_methods(tmp_path):
     s = json.loads((out / "summary.json").read_text())
     expected = [m for m in cli.DEMO_METHODS if m in rlvr_entropy.available_methods()]
     assert sorted(s["methods"]) == sorted(expected) and "grpo" in expected
+
+
+@pytest.mark.parametrize("method", ["grpo", "siren"])
+def test_trl_engine_trains_on_builtin_task(tmp_path, method):
+    pytest.importorskip("trl")
+    out = tmp_path / "t"
+    assert cli.main(["run", "--method", method, "--engine", "trl", "--steps", "2", "--out", str(out), "--quiet",
+                     *TINY]) == 0
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [0, 1, 2]
+    assert json.loads((out / "config.json").read_text())["engine"] == "trl"
+    assert any(k.startswith(f"{method}/") for k in rows[1]) and "reward" in rows[1] and "eval/pass@1" in rows[2]
+    s = json.loads((out / "summary.json").read_text())["methods"][method]
+    assert "entropy_end" in s and "pass@k_end" in s

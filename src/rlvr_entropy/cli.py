@@ -102,16 +102,24 @@ def _make_train_config(base: dict[str, Any], over: dict[str, Any]):
 
 
 def _check_engine(engine: str) -> None:
+    if engine not in ("lean", "trl"):
+        raise CLIError(f"unknown engine {engine!r}; available: lean (built-in loop), trl (EntropyGRPOTrainer)")
     if engine == "trl":
-        raise CLIError("--engine trl is not implemented yet; use --engine lean (the built-in testbed loop)")
-    if engine != "lean":
-        raise CLIError(f"unknown engine {engine!r}; available: lean, trl (not implemented yet)")
+        try:
+            import trl  # noqa: F401
+        except ImportError:
+            raise CLIError("--engine trl needs trl: pip install 'rlvr-entropy[trl]'") from None
 
 
 def _run_one(method: str, cfg, out: Path, overrides: dict, args) -> dict:
     from rlvr_entropy.testbed.train import train
 
     try:
+        if getattr(args, "engine", "lean") == "trl":
+            from rlvr_entropy.testbed.trl_engine import train_trl
+
+            return train_trl(method, cfg, out, method_overrides=overrides, progress=not args.quiet,
+                             threads=args.threads)
         return train(method, cfg, out, method_overrides=overrides, resume=not args.no_resume,
                      progress=not args.quiet, threads=args.threads)
     except ValueError as e:
@@ -163,7 +171,7 @@ def _run_parallel(jobs: list[tuple[str, Any, Path, dict]], args) -> None:
             m, cfg, out, over = pending.pop(0)
             out.mkdir(parents=True, exist_ok=True)
             cmd = [sys.executable, "-m", "rlvr_entropy.cli", "run", "--method", m, "--out", str(out), "--quiet",
-                   "--no-plots", "--threads", str(args.threads)]
+                   "--no-plots", "--threads", str(args.threads), "--engine", getattr(args, "engine", "lean")]
             if args.no_resume:
                 cmd.append("--no-resume")
             cmd += [f"train.{k}={v}" for k, v in dataclasses.asdict(cfg).items()]
@@ -316,7 +324,7 @@ def _common(p: argparse.ArgumentParser, single: bool) -> None:
                             f"number of CPU cores = {2 * (os.cpu_count() or 1)})")
     p.add_argument("--task", default=None, help="countdown3 (default), countdown4 or arith")
     p.add_argument("--steps", type=int, default=None, help="RL steps (default: TrainConfig.steps)")
-    p.add_argument("--engine", default="lean", help="lean (built-in loop); trl is not implemented yet")
+    p.add_argument("--engine", default="lean", help="lean (built-in loop, default) or trl (EntropyGRPOTrainer on the same tasks)")
     p.add_argument("--no-resume", action="store_true", help="start over even if a checkpoint exists")
     p.add_argument("--no-plots", action="store_true", help="write summary.json only")
     p.add_argument("--quiet", action="store_true", help="no progress bars")

@@ -1,0 +1,122 @@
+"""The testbed through the TRL engine: the same tasks, verifier, warm-started model and evaluation as the lean loop,
+trained by :class:`rlvr_entropy.trl.EntropyGRPOTrainer` (so the path real models take runs on the same problems).
+
+Mapping of the testbed's config onto TRL: one testbed step = one generation batch of ``prompts_per_step`` prompts x
+``samples_per_prompt`` samples, used for ``minibatches`` optimizer steps (TRL's ``steps_per_generation``); constant
+learning rate, no KL (beta = 0), advantages scaled by the group std when ``adv_std_norm``. Evaluations, metrics.jsonl
+rows (one per testbed step, plus eval/* keys every ``eval_every`` steps) and the report are the lean loop's.
+
+Deviations from the lean loop: no checkpoint/resume here (TRL's own ``resume_from_checkpoint`` is available through
+the trainer), and TRL samples with ``transformers`` generation (slower on this tiny model).
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from rlvr_entropy.testbed.tasks import get_task
+from rlvr_entropy.testbed.tokenizer import CharTokenizer
+from rlvr_entropy.testbed.train import TrainConfig, _jsonable, eval_problems, evaluate, initial_model
+
+
+def train_trl(method_name: str, cfg: TrainConfig, out_dir: str | os.PathLike, method_overrides: dict | None = None,
+              progress: bool = True, use_cache: bool = True, threads: int | None = 1) -> dict[str, Any]:
+    """One testbed run through the TRL engine; writes ``metrics.jsonl`` and ``config.json`` in ``out_dir``."""
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    from datasets import Dataset
+    from transformers import TrainerCallback
+    from trl import GRPOConfig
+
+    from rlvr_entropy.trl import EntropyGRPOTrainer
+
+    old_threads = torch.get_num_threads()
+    if threads is not None:
+        torch.set_num_threads(threads)
+    try:
+        method_overrides = dict(method_overrides or {})
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        task = get_task(cfg.task)
+        tok = CharTokenizer()
+        hf_tok = tok.to_hf()
+        t_start = time.time()
+        model = initial_model(cfg, task, tok, progress=progress, use_cache=use_cache)
+        model.generation_config.eos_token_id = tok.eos_id
+        model.generation_config.pad_token_id = tok.pad_id
+        model.generation_config.bos_token_id = tok.bos_id
+        setup_s = time.time() - t_start
+        evals = eval_problems(task, cfg.eval_problems)
+        problems = task.sample("train", cfg.prompts_per_step * cfg.steps, seed=f"{cfg.seed}-trl")
+        by_prompt = {p.prompt: p for p in problems}
+        data = Dataset.from_dict({"prompt": [p.prompt for p in problems]})
+
+        def reward(prompts, completions, completion_ids, **_):
+            return [float(tok.eos_id in ids and task.verify(by_prompt[p], c))
+                    for p, c, ids in zip(prompts, completions, completion_ids)]
+
+        n = cfg.prompts_per_step * cfg.samples_per_prompt
+        args = GRPOConfig(
+            output_dir=str(out / "trl"), use_cpu=True, report_to=[], save_strategy="no", logging_steps=1,
+            seed=cfg.seed, bf16=False, per_device_train_batch_size=n // cfg.minibatches,
+            num_generations=cfg.samples_per_prompt, steps_per_generation=cfg.minibatches,
+            gradient_accumulation_steps=1, max_steps=cfg.steps * cfg.minibatches, learning_rate=cfg.lr,
+            lr_scheduler_type="constant", warmup_steps=0, weight_decay=cfg.weight_decay,
+            max_grad_norm=cfg.grad_clip if cfg.grad_clip > 0 else 1e9, temperature=cfg.temperature, beta=0.0,
+            max_completion_length=task.max_response_len, scale_rewards="group" if cfg.adv_std_norm else "none",
+            num_iterations=cfg.epochs, disable_tqdm=not progress, shuffle_dataset=False,
+        )
+        trainer = EntropyGRPOTrainer(model=model, reward_funcs=reward, args=args, train_dataset=data,
+                                     processing_class=hf_tok, method=method_name, method_config=method_overrides)
+        (out / "config.json").write_text(json.dumps({"method": method_name, "method_overrides": method_overrides,
+                                                     "train": asdict(cfg), "engine": "trl"}, indent=2))
+        f = (out / "metrics.jsonl").open("w")
+        t_loop = time.time()
+        state: dict[str, Any] = {"last_eval": {}, "acc": {}, "cnt": {}, "t0": time.time()}
+
+        def write(rec):
+            f.write(json.dumps({k: _jsonable(v) for k, v in rec.items()}) + "\n")
+            f.flush()
+
+        def do_eval(step):
+            model.eval()
+            try:
+                return evaluate(model, task, tok, evals, cfg.eval_samples, cfg.eval_k, cfg.temperature,
+                                seed=cfg.seed * 100_003 + step)
+            finally:
+                model.train()
+
+        state["last_eval"] = do_eval(0)
+        write({"step": 0, "wall_s": 0.0, "setup_s": setup_s, **state["last_eval"]})
+
+        class _Log(TrainerCallback):
+            def on_log(self, a, s, control, logs=None, **kw):
+                logs = logs or {}
+                if "train_runtime" in logs:  # the closing summary, not a step
+                    return
+                for k, v in logs.items():  # each key averaged over the optimizer steps that logged it
+                    if isinstance(v, (int, float)) and k not in ("epoch", "learning_rate", "num_tokens"):
+                        state["acc"][k] = state["acc"].get(k, 0.0) + float(v)
+                        state["cnt"][k] = state["cnt"].get(k, 0) + 1
+                if s.global_step % cfg.minibatches == 0 and s.global_step > 0:
+                    step = s.global_step // cfg.minibatches
+                    rec = {"step": step, **{k: v / state["cnt"][k] for k, v in state["acc"].items()}}
+                    if step % cfg.eval_every == 0 or step == cfg.steps:
+                        state["last_eval"] = do_eval(step)
+                        rec.update(state["last_eval"])
+                    rec["step_s"] = time.time() - state["t0"]
+                    rec["wall_s"] = time.time() - t_loop
+                    write(rec)
+                    state.update(acc={}, cnt={}, t0=time.time())
+
+        trainer.add_callback(_Log())
+        trainer.train()
+        f.close()
+        return {**state["last_eval"], "wall_s": time.time() - t_loop, "steps": cfg.steps}
+    finally:
+        torch.set_num_threads(old_threads)

@@ -51,6 +51,12 @@ def test_pi_controller_by_hand():
     q = EntropyPI(kp=2.0, ki=0.5)
     q.load_state_dict(pi.state_dict())
     assert q.state_dict() == pi.state_dict() and q.target == 1.0
+    r = EntropyPI(1.0, 0.0, target_scale=0.8, target_end_scale=0.4, schedule_steps=2)
+    r.update(2.0)  # start measured: 2.0 -> target 1.6 now, 0.8 after 2 steps
+    assert r.target == pytest.approx(0.8 * 2.0 * 0.5 + 0.4 * 2.0 * 0.5)
+    r.update(2.0)
+    assert r.target == pytest.approx(0.8)
+    assert EntropyPI(1.0, 0.0, target=1.0, target_scale=0.5).target == 0.5
     s = EntropyPI(1.0, 0.0, target=2.0, target_end=1.0, schedule_steps=4)
     assert s.target == 2.0
     s.update(2.0)
@@ -75,6 +81,10 @@ def test_config_validation():
         re.make_method("thermostat", restrict="all")
     with pytest.raises(ValueError, match="target_end"):
         re.make_method("thermostat", target_end=0.5)
+    with pytest.raises(ValueError, match="not both"):
+        re.make_method("thermostat", target_end=0.5, target_end_scale=0.5, schedule_steps=3)
+    with pytest.raises(ValueError, match="target_scale"):
+        re.make_method("thermostat", target_scale=0.0)
 
 
 def test_restrict_to_siren_positions_damps_only_selected():

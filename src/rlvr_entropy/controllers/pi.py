@@ -15,11 +15,14 @@ class EntropyPI:
     """
 
     def __init__(self, kp: float, ki: float, u_max: float = 1.0, i_max: float = 10.0, target: float | None = None,
-                 target_end: float | None = None, schedule_steps: int | None = None) -> None:
+                 target_end: float | None = None, schedule_steps: int | None = None, target_scale: float = 1.0,
+                 target_end_scale: float | None = None) -> None:
         self.kp, self.ki, self.u_max, self.i_max = float(kp), float(ki), float(u_max), float(i_max)
         self.target_start: float | None = None if target is None else float(target)
         self.target_end = target_end
         self.schedule_steps = schedule_steps
+        self.target_scale = float(target_scale)
+        self.target_end_scale = target_end_scale
         self.integral = 0.0
         self.steps = 0
         self.u = 0.0
@@ -28,12 +31,21 @@ class EntropyPI:
 
     @property
     def target(self) -> float | None:
+        """The target now: ``target_scale`` x the start value, moving linearly to ``target_end`` (absolute) or
+        ``target_end_scale`` x the start value over ``schedule_steps`` steps when a schedule is set."""
         if self.target_start is None:
             return None
-        if self.target_end is None or not self.schedule_steps:
-            return self.target_start
+        start = self.target_scale * self.target_start
+        if self.target_end_scale is not None:
+            end = float(self.target_end_scale) * self.target_start
+        elif self.target_end is not None:
+            end = float(self.target_end)
+        else:
+            return start
+        if not self.schedule_steps:
+            return start
         frac = min(self.steps / self.schedule_steps, 1.0)
-        return self.target_start + frac * (float(self.target_end) - self.target_start)
+        return start + frac * (end - start)
 
     def update(self, entropy: float) -> float:
         h = float(entropy)

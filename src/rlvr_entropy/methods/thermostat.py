@@ -16,7 +16,8 @@ entropy, with a closed form that tracks the true first-order change poorly. Ther
    change moves by u * S:  lambda = clip(1 - |u| S / |sum_wrong d_t / N|, weight_min, 1). Every other token keeps
    weight 1, so the policy-gradient signal pushing the right way is untouched.
 4. Optionally (``restrict="siren"``) only SIREN's positions (top-p entropy, per-response peak) are eligible for
-   damping.
+   damping, and the controlled quantity is the entropy at those positions: the deterministic parts of a response
+   (arithmetic, formatting) may sharpen freely while the forking positions keep their entropy.
 
 Design notes (why this form): a uniform weight on the wrong-way set is the minimum-change solution that keeps the
 relative ranking of tokens inside the set, has one closed-form parameter per batch, and reduces to GRPO exactly
@@ -55,10 +56,16 @@ class ThermostatConfig(PGConfig):
     """Smallest weight a wrong-way token can get (1.0 disables damping)."""
     target: float | None = None
     """Target entropy H* in nats; None measures it at the first step (saved in state_dict)."""
+    target_scale: float = 1.0
+    """H* = target_scale x the first measured entropy (when target is None) or x target."""
     target_end: float | None = None
-    """Optional end point of a linear target schedule."""
+    """Optional end point (nats) of a linear target schedule."""
+    target_end_scale: float | None = None
+    """Optional end point of the schedule relative to the start value (e.g. 0.7 ends at 70% of it)."""
     schedule_steps: int | None = None
-    """Steps over which the target moves from its start to target_end."""
+    """Steps over which the target moves from its start to its end point."""
+    renormalize: bool = False
+    """Rescale the weights so their mean over valid tokens is 1 (keeps the step size; then weights can exceed 1)."""
     restrict: str = "none"
     """"none": every valid token is eligible for damping; "siren": only SIREN's selected positions."""
     top_p: float = 0.8
@@ -77,9 +84,17 @@ class ThermostatConfig(PGConfig):
         if self.target_end is not None:
             check_float("target_end", self.target_end, lo=0.0, lo_open=True)
         check_int("schedule_steps", self.schedule_steps, lo=1, allow_none=True)
-        if (self.target_end is None) != (self.schedule_steps is None):
-            raise ValueError("target_end and schedule_steps must be set together")
+        check_float("target_scale", self.target_scale, lo=0.0, lo_open=True)
+        if self.target_end_scale is not None:
+            check_float("target_end_scale", self.target_end_scale, lo=0.0, lo_open=True)
+        if self.target_end is not None and self.target_end_scale is not None:
+            raise ValueError("set target_end or target_end_scale, not both")
+        has_end = self.target_end is not None or self.target_end_scale is not None
+        if has_end != (self.schedule_steps is not None):
+            raise ValueError("target_end (or target_end_scale) and schedule_steps must be set together")
         check_choice("restrict", self.restrict, ("none", "siren"))
+        if not isinstance(self.renormalize, bool):
+            raise ValueError(f"renormalize must be a bool, got {self.renormalize!r}")
         check_float("top_p", self.top_p, lo=0.0, hi=1.0, lo_open=True)
         check_float("quantile", self.quantile, lo=0.0, hi=1.0)
 
@@ -147,7 +162,8 @@ class Thermostat(Method):
         super().__init__(config, **overrides)
         c = self.config
         self.pi = EntropyPI(c.kp, c.ki, i_max=c.i_max, target=c.target, target_end=c.target_end,
-                            schedule_steps=c.schedule_steps)
+                            schedule_steps=c.schedule_steps, target_scale=c.target_scale,
+                            target_end_scale=c.target_end_scale)
 
     def controllers(self):
         return {"pi": self.pi}
@@ -163,22 +179,28 @@ class Thermostat(Method):
         terms = self.pg_terms(batch, adv)
         coef = terms.coef(adv)
         d = predicted_change(batch.logits, batch.clean(batch.log_prob), coef, mask)
-        h_now = masked_mean(batch.current_entropy(self.name).detach(), mask)
-        if new_step and bool(mask.any()):
-            self.pi.update(float(h_now))
+        h_tok = batch.current_entropy(self.name).detach()
         eligible = mask
         if c.restrict == "siren":
             from rlvr_entropy.methods.siren import peak_entropy_mask
 
             hp = stats.top_p_entropy(batch.logits.detach(), p=c.top_p, mask=mask)
             eligible = peak_entropy_mask(hp, mask, quantile=c.quantile)
+        # the controlled quantity: token-mean entropy over the eligible positions (all valid tokens by default)
+        h_now = masked_mean(h_tok, eligible)
+        if new_step and bool(eligible.any()):
+            self.pi.update(float(h_now))
         w, lam = damping_weight(d, eligible, self.pi.u, c.weight_min)
+        if c.renormalize and bool(mask.any()):
+            w = w / masked_mean(w, mask).clamp(min=1e-8)
         loss = self.aggregate(w * terms.loss, mask)
         with torch.no_grad():
             metrics = self.pg_metrics(terms, batch)
             metrics.update({
                 "target": float(self.pi.target) if self.pi.target is not None else float("nan"),
                 "entropy": h_now,
+                "token_entropy": masked_mean(h_tok, mask),
+                "eligible_frac": masked_mean(eligible.float(), mask),
                 "error": self.pi.last_error,
                 "u": self.pi.u,
                 "integral": self.pi.integral,

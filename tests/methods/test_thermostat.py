@@ -89,7 +89,7 @@ def test_config_validation():
 
 def test_restrict_to_siren_positions_damps_only_selected():
     leaves, _ = make_leaves(seed=12, B=4, T=10, V=9)
-    m = re.make_method("thermostat", restrict="siren", target=50.0, kp=1.0)  # far below target: u = 1
+    m = re.make_method("thermostat", restrict="siren", target=50.0, kp=1.0)  # far below target: u = 1 (saturated)
     out = m.compute_loss(batch_from(leaves))
     assert out.metrics["thermostat/u"] == 1.0
     full = re.make_method("thermostat", target=50.0, kp=1.0).compute_loss(batch_from(leaves))
@@ -131,7 +131,7 @@ def test_closed_loop_holds_entropy_where_grpo_collapses():
     """Three valid answers per context: the best policy spreads over them (entropy up to ln 3 = 1.10). Plain GRPO
     concentrates on fewer answers; the thermostat with target 1.0 settles there and still learns."""
     grpo, grpo_acc = _bandit_run("grpo")
-    thermo, thermo_acc = _bandit_run("thermostat", target=1.0, kp=4.0, ki=0.5)
+    thermo, thermo_acc = _bandit_run("thermostat", target=1.0, target_scale=1.0, kp=4.0, ki=0.5)
     assert grpo[-1] < 0.6 and grpo_acc > 0.95
     tail = thermo[-30:]
     assert max(abs(h - 1.0) for h in tail) < 0.15, tail

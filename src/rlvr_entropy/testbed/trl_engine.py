@@ -26,8 +26,10 @@ from rlvr_entropy.testbed.train import TrainConfig, _jsonable, eval_problems, ev
 
 
 def train_trl(method_name: str, cfg: TrainConfig, out_dir: str | os.PathLike, method_overrides: dict | None = None,
-              progress: bool = True, use_cache: bool = True, threads: int | None = 1) -> dict[str, Any]:
-    """One testbed run through the TRL engine; writes ``metrics.jsonl`` and ``config.json`` in ``out_dir``."""
+              progress: bool = True, use_cache: bool = True, threads: int | None = 1,
+              diagnostics_every: int | None = None) -> dict[str, Any]:
+    """One testbed run through the TRL engine; writes ``metrics.jsonl`` and ``config.json`` in ``out_dir``
+    (and ``trl/entropy_change.jsonl`` when ``diagnostics_every`` is set: see ``EntropyGRPOTrainer``)."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     from datasets import Dataset
     from transformers import TrainerCallback
@@ -72,7 +74,8 @@ def train_trl(method_name: str, cfg: TrainConfig, out_dir: str | os.PathLike, me
             num_iterations=cfg.epochs, disable_tqdm=not progress, shuffle_dataset=False,
         )
         trainer = EntropyGRPOTrainer(model=model, reward_funcs=reward, args=args, train_dataset=data,
-                                     processing_class=hf_tok, method=method_name, method_config=method_overrides)
+                                     processing_class=hf_tok, method=method_name, method_config=method_overrides,
+                                     diagnostics_every=diagnostics_every)
         (out / "config.json").write_text(json.dumps({"method": method_name, "method_overrides": method_overrides,
                                                      "train": asdict(cfg), "engine": "trl"}, indent=2))
         f = (out / "metrics.jsonl").open("w")

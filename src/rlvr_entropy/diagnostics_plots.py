@@ -14,6 +14,9 @@ from typing import Any, Iterable
 from rlvr_entropy.diagnostics import FORMS, QUADRANTS
 
 
+_LABELS = {"pos_high": "A>0, high p", "pos_low": "A>0, low p", "neg_high": "A<0, high p", "neg_low": "A<0, low p"}
+
+
 def _plt():
     import matplotlib
 
@@ -44,8 +47,7 @@ def scatter_predicted_vs_measured(records: list[dict[str, Any]], out: str | Path
                     if qq == qi:
                         xs.append(p)
                         ys.append(m)
-            ax.scatter(xs, ys, s=4, alpha=0.4, color=colors[qi], label=q.replace("_", " A, ").replace("pos", "A>0")
-                       .replace("neg", "A<0"))
+            ax.scatter(xs, ys, s=4, alpha=0.4, color=colors[qi], label=_LABELS[q])
         vals = [r["report"].get(f"{form}/pearson", math.nan) for r in records]
         vals = [v for v in vals if v == v]
         mean = sum(vals) / len(vals) if vals else math.nan
@@ -75,7 +77,7 @@ def quadrant_bars(records: list[dict[str, Any]], out: str | Path) -> Path:
             means.append(sum(vals) / len(vals) if vals else 0.0)
         ax.bar([i + fi * width for i in range(len(QUADRANTS))], means, width=width, label=form)
     ax.set_xticks([i + width * (len(FORMS) - 1) / 2 for i in range(len(QUADRANTS))])
-    ax.set_xticklabels(["A>0, high p", "A>0, low p", "A<0, high p", "A<0, low p"])
+    ax.set_xticklabels([_LABELS[q] for q in QUADRANTS])
     ax.set_ylabel("Pearson(predicted, measured)")
     ax.set_ylim(-1, 1)
     ax.legend()

@@ -101,3 +101,22 @@ def test_trl_engine_trains_on_builtin_task(tmp_path, method):
     assert any(k.startswith(f"{method}/") for k in rows[1]) and "reward" in rows[1] and "eval/pass@1" in rows[2]
     s = json.loads((out / "summary.json").read_text())["methods"][method]
     assert "entropy_end" in s and "pass@k_end" in s
+
+
+def test_report_includes_diagnostics(tmp_path):
+    from rlvr_entropy.diagnostics import EntropyChangeProbe
+    import torch
+
+    out = tmp_path / "r"
+    assert cli.main(["run", "--method", "grpo", "--steps", "2", "--out", str(out), "--quiet", "--no-plots", *TINY]) == 0
+    g = torch.Generator().manual_seed(0)
+    z = torch.randn(1, 30, 5, generator=g, dtype=torch.float64)
+    probe = EntropyChangeProbe()
+    a = torch.randn(1, 30, generator=g, dtype=torch.float64)
+    probe.before(z, torch.randint(5, (1, 30), generator=g), a, torch.ones(1, 30, dtype=torch.bool), a)
+    rec = probe.after(z + 0.01)
+    (out / "entropy_change.jsonl").write_text(json.dumps(rec.to_json()) + "\n")
+    assert cli.main(["report", str(out)]) == 0
+    for png in ("entropy_percentiles_grpo.png", "entropy_change_scatter.png", "entropy_change_quadrants.png"):
+        assert (out / png).stat().st_size > 0
+    assert "entropy_change_scatter" in (out / "report.html").read_text()

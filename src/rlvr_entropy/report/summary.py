@@ -180,6 +180,30 @@ def make_plots(runs: list[dict], summary: dict, out_dir: Path) -> list[Path]:
     return paths
 
 
+def diagnostic_plots(runs: list[dict], out_dir: Path) -> list[Path]:
+    """Entropy percentiles over steps (first run of each method that logged them) and, where a run holds
+    entropy-change probes (``entropy_change.jsonl``, written by the TRL engine's ``diagnostics_every``), the
+    predicted-vs-measured scatter and per-quadrant correlations."""
+    from rlvr_entropy import diagnostics_plots as D
+
+    paths: list[Path] = []
+    seen: set[str] = set()
+    for r in runs:
+        if r["method"] in seen or not any("entropy/p50" in row for row in r["rows"]):
+            continue
+        seen.add(r["method"])
+        name = re.sub(r"[^A-Za-z0-9_.-]", "_", r["method"])
+        paths.append(D.entropy_percentiles(r["rows"], out_dir / f"entropy_percentiles_{name}.png"))
+    recs: list[dict] = []
+    for r in runs:
+        for cand in (Path(r["path"]) / "entropy_change.jsonl", Path(r["path"]) / "trl" / "entropy_change.jsonl"):
+            recs += D.load_probe_records(cand)
+    if recs:
+        paths.append(D.scatter_predicted_vs_measured(recs, out_dir / "entropy_change_scatter.png"))
+        paths.append(D.quadrant_bars(recs, out_dir / "entropy_change_quadrants.png"))
+    return paths
+
+
 # ------------------------------------------------------------------------------------------------- html
 def _fmt(v: Any) -> str:
     if isinstance(v, float):
@@ -225,6 +249,6 @@ def build_report(run_dir: str | Path, plots: bool = True) -> dict[str, Any]:
             import matplotlib  # noqa: F401
         except ImportError:
             return summary
-        paths = make_plots(runs, summary, root)
+        paths = make_plots(runs, summary, root) + diagnostic_plots(runs, root)
         write_html(summary, paths, root / "report.html")
     return summary

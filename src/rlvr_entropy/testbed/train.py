@@ -463,8 +463,12 @@ def _train(method_name, cfg, out_dir, method_overrides, resume, progress, use_ca
                 for k, v in {"loss": lo.loss.detach(), "grad_norm": gn, **lo.metrics}.items():
                     agg[k] = agg.get(k, 0.0) + float(_jsonable(v))
                 n_mb += 1
+        valid_h = s.entropy[s.mask].float()
+        pct = (torch.quantile(valid_h, torch.tensor([0.1, 0.5, 0.9])).tolist() if valid_h.numel()
+               else [float("nan")] * 3)
         rec = {"step": step, "reward": float(rewards.mean()),
                "entropy": float(s.entropy.sum() / s.mask.sum().clamp(min=1)),
+               "entropy/p10": pct[0], "entropy/p50": pct[1], "entropy/p90": pct[2],
                "response_len": float(s.mask.sum(1).float().mean()),
                **{k: v / n_mb for k, v in agg.items()}, "gen_s": t_gen, "step_s": time.time() - t0}
         if step % cfg.eval_every == 0 or step == cfg.steps:

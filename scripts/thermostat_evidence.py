@@ -33,7 +33,7 @@ PG = {"loss_agg_mode": "token-mean", "eps_low": 0.2, "eps_high": 0.28, "dual_cli
 METHOD_OVERRIDES: dict[str, dict[str, object]] = {
     "siren": {"norm_length": "none"},
 }
-TRAIN = {"eval_samples": 32, "eval_k": 8, "eval_every": 30}
+TRAIN = {"eval_samples": 32, "eval_k": 8, "eval_every": 50}
 STRESS_METHODS = ["grpo", "siren", "thermostat"]
 STRESS_OVERRIDES = {"siren": {"beta": 0.5, "use_anchor": "false"}}  # a strong selective bonus
 
@@ -150,7 +150,7 @@ def goal_check(stats: dict) -> list[str]:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--seeds", default="0,1,2")
-    ap.add_argument("--steps", type=int, default=120)
+    ap.add_argument("--steps", type=int, default=100)
     ap.add_argument("--out", default="runs/evidence")
     ap.add_argument("--jobs", type=int, default=2)
     ap.add_argument("--methods", default=",".join(METHODS))

@@ -89,3 +89,26 @@ def test_math_equal():
     assert math_equal("2\\sqrt{3}", "\\sqrt{12}")
     assert not math_equal("3", "4")
     assert not math_equal(None, "4")
+
+
+@pytest.mark.parametrize("text,expected", [
+    ("Answer: 5\n so \\boxed{6}", "6"),                                    # boxed beats "Answer:"
+    ("Answer: 12\nmore\nAnswer: 17", "17"),                                # last "Answer:" line
+    ("nested \\boxed{\\sqrt{\\frac{a}{b}}} done", "\\sqrt{\\frac{a}{b}}"),
+    ("so $x = 3$ and finally $\\frac{1}{3}$ holds", "\\frac{1}{3}"),       # last inline math span
+    ("the set \\([-2, 7]\\) wins", "[-2, 7]"),
+    ("about 4.5e33 photons", "4.5e33"),                                    # scientific notation kept
+    ("value is -2.5", "-2.5"),
+])
+def test_extract_answer_fallback_order(text, expected):
+    assert extract_answer(text) == expected
+
+
+def test_maj_at_k_tie_broken_by_earliest_first_occurrence():
+    # "b" and "a" both have 2 votes; "b" appears first -> "b" is the majority
+    assert maj_at_k(["b", "a", "a", "b"], "b", k=4) == 1.0
+    assert maj_at_k(["b", "a", "a", "b"], "a", k=4) == 0.0
+    assert maj_at_k(["a", "b", "b", "a"], "a", k=4) == 1.0
+    # None never votes; only the first k answers vote
+    assert maj_at_k([None, None, None, "4", "3", "3"], "4", k=5) == 1.0
+    assert maj_at_k([None, None, None, "4", "3", "3"], "3", k=6) == 1.0

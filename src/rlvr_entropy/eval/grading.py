@@ -3,7 +3,8 @@ from __future__ import annotations
 
 import re
 
-_NUM = re.compile(r"-?\d[\d,]*(?:\.\d+)?|-?\.\d+")
+_NUM = re.compile(r"(?:-?\d[\d,]*(?:\.\d+)?|-?\.\d+)(?:[eE][-+]?\d+)?")
+_MATH = re.compile(r"\$\$(.+?)\$\$|\$(.+?)\$|\\\((.+?)\\\)", re.S)
 
 
 def _last_boxed(text: str) -> str | None:
@@ -25,7 +26,8 @@ def _last_boxed(text: str) -> str | None:
 
 def extract_answer(text: str | None) -> str | None:
     """The final answer of a response: the last ``\\boxed{...}`` (nested braces handled), else the last
-    "Answer: ..." line (DAPO template), else the last number. None when nothing is found."""
+    "Answer: ..." line (DAPO template), else the last inline math span (``$...$``, ``$$...$$``, ``\\(...\\)``),
+    else the last number (thousands commas removed, scientific notation kept). None when nothing is found."""
     if not text:
         return None
     boxed = _last_boxed(text)
@@ -37,6 +39,10 @@ def extract_answer(text: str | None) -> str | None:
         ans = ans.strip("$").strip()
         if ans:
             return ans
+    spans = [next(g for g in m.groups() if g is not None).strip() for m in _MATH.finditer(text)]
+    spans = [x for x in spans if x]
+    if spans:
+        return spans[-1]
     nums = _NUM.findall(text)
     if nums:
         return nums[-1].replace(",", "").rstrip(".")

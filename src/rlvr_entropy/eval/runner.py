@@ -1,25 +1,15 @@
-"""Sample n answers per problem from a Hugging Face model, grade them, write pass@k / avg@k / maj@k tables.
-
-Answers are appended to ``<out>/<benchmark>.answers.jsonl`` as they are generated (one line per sample), so an
-interrupted evaluation resumes where it stopped. Generation: transformers on CPU/GPU, or vLLM when asked and
-installed.
-"""
+"""Benchmark runner: sample n answers per problem with transformers (or vLLM behind ``use_vllm``), grade with
+extract_answer + math_equal, write answers as JSONL as they come (resumable), then pass@k / avg@k / maj@k tables
+as JSON and markdown."""
 from __future__ import annotations
 
 import json
-from collections import defaultdict
+import os
 from pathlib import Path
-from typing import Any, Sequence
 
-from rlvr_entropy.eval.benchmarks import MathProblem, load_benchmark
+from rlvr_entropy.eval.benchmarks import load_benchmark
 from rlvr_entropy.eval.grading import extract_answer, math_equal
-from rlvr_entropy.eval.metrics import maj_at_k, pass_at_k
-
-
-def _prompt_text(tokenizer, messages: list) -> str:
-    if getattr(tokenizer, "chat_template", None):
-        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    return "\n".join(m["content"] for m in messages)
+from rlvr_entropy.eval.metrics import avg_at_k, maj_at_k, pass_at_k
 
 
 def _ks(n: int) -> list[int]:
@@ -27,119 +17,160 @@ def _ks(n: int) -> list[int]:
     while k <= n:
         ks.append(k)
         k *= 2
-    if ks[-1] != n:
-        ks.append(n)
     return ks
 
 
-def _generate_hf(model, tokenizer, prompt: str, num: int, temperature: float, top_p: float, max_new_tokens: int,
-                 batch_size: int) -> list[str]:
-    import torch
-
-    enc = tokenizer(prompt, return_tensors="pt", add_special_tokens=False)
-    outs: list[str] = []
-    while len(outs) < num:
-        b = min(batch_size, num - len(outs))
-        with torch.no_grad():
-            gen = model.generate(**{k: v.to(model.device) for k, v in enc.items()}, do_sample=temperature > 0,
-                                 temperature=temperature if temperature > 0 else None, top_p=top_p,
-                                 max_new_tokens=max_new_tokens, num_return_sequences=b,
-                                 pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None
-                                 else tokenizer.eos_token_id)
-        new = gen[:, enc["input_ids"].shape[1]:]
-        outs += tokenizer.batch_decode(new, skip_special_tokens=True)
-    return outs
-
-
-def evaluate(model, tokenizer, benchmarks: Sequence[str], n: int = 32, temperature: float = 0.6, top_p: float = 1.0,
-             max_new_tokens: int = 1024, out_dir: str | Path = "eval_out", data_dir: str | Path | None = None,
-             batch_size: int = 8, max_problems: int | None = None, use_vllm: bool = False,
-             progress: bool = True) -> dict[str, Any]:
-    """Evaluate ``model`` on ``benchmarks`` (names or parquet paths). Returns {benchmark: table}; also writes
-    ``results.json`` and ``results.md`` in ``out_dir``. With ``use_vllm``, ``model`` is a path for vllm.LLM."""
-    if n < 1:
-        raise ValueError(f"n must be >= 1, got {n}")
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    llm = None
-    if use_vllm:
-        try:
-            from vllm import LLM, SamplingParams
-        except ImportError:
-            raise ValueError("use_vllm=True needs vllm installed") from None
-        llm = LLM(model=str(model))
-    results: dict[str, Any] = {}
-    for bench in benchmarks:
-        problems = load_benchmark(bench, data_dir, max_problems)
-        name = Path(bench).stem if str(bench).endswith(".parquet") else bench
-        path = out / f"{name}.answers.jsonl"
-        done: dict[str, list[dict]] = defaultdict(list)
-        if path.exists():
-            for line in path.read_text().splitlines():
+def _load_done(path: Path, n: int) -> dict[str, list[dict]]:
+    """Records already in the JSONL, grouped by problem id (a problem is complete with >= n samples)."""
+    done: dict[str, list[dict]] = {}
+    if path.exists():
+        with open(path) as f:
+            for line in f:
+                line = line.strip()
+                if not line:
+                    continue
                 try:
                     rec = json.loads(line)
-                except json.JSONDecodeError:
-                    break  # torn last line
-                done[rec["id"]].append(rec)
-        bar = None
-        if progress:
-            try:
-                from tqdm import tqdm
-
-                bar = tqdm(total=len(problems) * n, initial=sum(min(len(v), n) for v in done.values()),
-                           desc=name, dynamic_ncols=True)
-            except ImportError:
-                bar = None
-        with path.open("a") as f:
-            for p in problems:
-                need = n - len(done[p.id])
-                if need <= 0:
+                except json.JSONDecodeError:  # a half-written last line from an interrupted run
                     continue
-                prompt = _prompt_text(tokenizer, p.prompt)
-                if llm is not None:
-                    sp = SamplingParams(n=need, temperature=temperature, top_p=top_p, max_tokens=max_new_tokens)
-                    texts = [o.text for o in llm.generate([prompt], sp)[0].outputs]
-                else:
-                    texts = _generate_hf(model, tokenizer, prompt, need, temperature, top_p, max_new_tokens,
-                                         batch_size)
-                for t in texts:
-                    ans = extract_answer(t)
-                    rec = {"id": p.id, "response": t, "answer": ans, "correct": math_equal(ans, p.gold)}
-                    f.write(json.dumps(rec) + "\n")
-                    f.flush()
-                    done[p.id].append(rec)
-                    if bar is not None:
-                        bar.update(1)
-        if bar is not None:
-            bar.close()
-        results[name] = table(problems, done, n)
-    (out / "results.json").write_text(json.dumps(results, indent=2))
-    (out / "results.md").write_text(markdown(results))
-    return results
+                done.setdefault(rec["id"], []).append(rec)
+    return done
 
 
-def table(problems: list[MathProblem], done: dict[str, list[dict]], n: int) -> dict[str, Any]:
-    """pass@k (unbiased), avg@n and maj@k (answers clustered with math_equal) averaged over problems."""
-    ks = _ks(n)
-    per = []
-    for p in problems:
-        recs = done[p.id][:n]
-        c = sum(bool(r["correct"]) for r in recs)
-        per.append((p, recs, c))
-    tab: dict[str, Any] = {"problems": len(problems), "n": n}
-    for k in ks:
-        tab[f"pass@{k}"] = sum(pass_at_k(n, c, k) for _, _, c in per) / len(per)
-        tab[f"maj@{k}"] = sum(maj_at_k([r["answer"] for r in recs], p.gold, k, equal=math_equal)
-                              for p, recs, _ in per) / len(per)
-    tab[f"avg@{n}"] = sum(c / n for _, _, c in per) / len(per)
-    return tab
+def _generate_hf(model, tokenizer, prompts: list[str], n: int, temperature: float, top_p: float,
+                 max_new_tokens: int, batch_size: int) -> list[list[str]]:
+    import torch
+
+    out: list[list[str]] = []
+    tokenizer.padding_side = "left"
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    for start in range(0, len(prompts), max(1, batch_size)):
+        chunk = prompts[start:start + batch_size]
+        enc = tokenizer(chunk, return_tensors="pt", padding=True, add_special_tokens=False)
+        do_sample = temperature > 0
+        kw = dict(do_sample=do_sample, max_new_tokens=max_new_tokens, num_return_sequences=n,
+                  pad_token_id=tokenizer.pad_token_id)
+        if do_sample:
+            kw.update(temperature=temperature, top_p=top_p)
+        with torch.no_grad():
+            gen = model.generate(**enc.to(model.device), **kw)
+        gen = gen[:, enc["input_ids"].shape[1]:]
+        texts = tokenizer.batch_decode(gen, skip_special_tokens=True)
+        for i in range(len(chunk)):
+            out.append(texts[i * n:(i + 1) * n])
+    return out
 
 
-def markdown(results: dict[str, Any]) -> str:
+def _generate_vllm(model_path: str, prompts: list[str], n: int, temperature: float, top_p: float,
+                   max_new_tokens: int) -> list[list[str]]:
+    from vllm import LLM, SamplingParams  # optional dependency
+
+    llm = LLM(model=model_path)
+    res = llm.generate(prompts, SamplingParams(n=n, temperature=temperature, top_p=top_p, max_tokens=max_new_tokens))
+    return [[o.text for o in r.outputs] for r in res]
+
+
+def summarize(records: dict[str, list[dict]], n: int) -> dict:
+    """Table for one benchmark: mean pass@k, avg@k, maj@k (math_equal clustering) for k = 1, 2, 4, ... <= n."""
+    probs = [recs[:n] for recs in records.values() if len(recs) >= n]
+    table: dict = {"problems": len(probs), "n": n, "pass@k": {}, "avg@k": {}, "maj@k": {}}
+    if not probs:
+        return table
+    for k in _ks(n):
+        table["pass@k"][str(k)] = sum(pass_at_k(n, sum(r["correct"] for r in rs), k) for rs in probs) / len(probs)
+        table["avg@k"][str(k)] = sum(avg_at_k([r["correct"] for r in rs], k) for rs in probs) / len(probs)
+        table["maj@k"][str(k)] = sum(maj_at_k([r["answer"] for r in rs], rs[0]["gold"], k, equal=math_equal)
+                                     for rs in probs) / len(probs)
+    return table
+
+
+def to_markdown(tables: dict[str, dict]) -> str:
     lines = []
-    for bench, tab in results.items():
-        keys = [k for k in tab if k not in ("problems", "n")]
-        lines += [f"## {bench} ({tab['problems']} problems, n = {tab['n']})", "",
-                  "| " + " | ".join(keys) + " |", "|" + "---|" * len(keys),
-                  "| " + " | ".join(f"{tab[k]:.4f}" for k in keys) + " |", ""]
+    for bench, t in tables.items():
+        lines += [f"## {bench} ({t['problems']} problems, n={t['n']})", "", "| k | pass@k | avg@k | maj@k |",
+                  "|---|---|---|---|"]
+        for k in t["pass@k"]:
+            lines.append(f"| {k} | {t['pass@k'][k]:.4f} | {t['avg@k'][k]:.4f} | {t['maj@k'][k]:.4f} |")
+        lines.append("")
     return "\n".join(lines)
+
+
+def evaluate(model, tokenizer, benchmarks, n: int = 4, temperature: float = 0.6, top_p: float = 1.0,
+             max_new_tokens: int = 1024, out_dir: str | os.PathLike = "eval_out", data_dir=None,
+             limit: int | None = None, batch_size: int = 8, use_vllm: bool = False, seed: int | None = 0,
+             progress: bool = True) -> dict[str, dict]:
+    """Sample ``n`` answers per problem of each benchmark, grade them, and write
+
+    - ``out_dir/<bench>.answers.jsonl``: one record per sample {id, sample, response, answer, gold, correct},
+      appended as generated; problems already complete (>= n records) are skipped on a re-run (resumable);
+    - ``out_dir/results.json`` and ``out_dir/results.md``: per-benchmark pass@k / avg@k / maj@k tables.
+
+    ``model``: a transformers causal LM (or a path/name string, loaded with AutoModelForCausalLM); ``tokenizer``:
+    its tokenizer (loaded from ``model`` when None). ``benchmarks``: names or parquet paths (comma string or list).
+    ``use_vllm``: generate with vLLM (requires vllm and a model path). Returns the tables.
+    """
+    from tqdm.auto import tqdm
+
+    if isinstance(benchmarks, str):
+        benchmarks = [b for b in benchmarks.split(",") if b]
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    model_path = model if isinstance(model, (str, os.PathLike)) else None
+    if not use_vllm and model_path is not None:
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+        tokenizer = tokenizer or AutoTokenizer.from_pretrained(model_path)
+        model = AutoModelForCausalLM.from_pretrained(model_path)
+    if not use_vllm:
+        model.eval()
+    if seed is not None:
+        import torch
+        torch.manual_seed(seed)
+    tables = {}
+    for bench in benchmarks:
+        problems = load_benchmark(bench, data_dir=data_dir, limit=limit)
+        name = Path(bench).stem if str(bench).endswith(".parquet") else bench
+        path = out / f"{name}.answers.jsonl"
+        done = _load_done(path, n)
+        partial = [k for k, v in done.items() if len(v) < n]
+        if partial:  # an interrupted problem is regenerated from scratch: drop its records from the file
+            for k in partial:
+                del done[k]
+            with open(path, "w") as f:
+                for recs in done.values():
+                    for r in recs:
+                        f.write(json.dumps(r) + "\n")
+        todo = [p for p in problems if p.id not in done]
+        bar = tqdm(total=len(todo), desc=name, disable=not progress)
+        step = len(todo) if use_vllm else max(1, batch_size)
+        for s in range(0, len(todo), max(1, step)):
+            chunk = todo[s:s + step]
+            if use_vllm:
+                tok = tokenizer
+                if tok is None:
+                    from transformers import AutoTokenizer
+                    tok = AutoTokenizer.from_pretrained(model_path)
+                prompts = [tok.apply_chat_template(p.prompt, tokenize=False, add_generation_prompt=True)
+                           for p in chunk]
+                texts = _generate_vllm(str(model_path), prompts, n, temperature, top_p, max_new_tokens)
+            else:
+                prompts = [tokenizer.apply_chat_template(p.prompt, tokenize=False, add_generation_prompt=True)
+                           for p in chunk]
+                texts = _generate_hf(model, tokenizer, prompts, n, temperature, top_p, max_new_tokens, batch_size)
+            with open(path, "a") as f:
+                for p, resp in zip(chunk, texts):
+                    recs = []
+                    for j, t in enumerate(resp):
+                        ans = extract_answer(t)
+                        recs.append({"id": p.id, "sample": j, "response": t, "answer": ans,
+                                     "gold": p.ground_truth, "correct": bool(math_equal(ans, p.ground_truth))})
+                        f.write(json.dumps(recs[-1]) + "\n")
+                    done[p.id] = recs
+                f.flush()
+            bar.update(len(chunk))
+        bar.close()
+        ids = {p.id for p in problems}
+        tables[name] = summarize({k: v for k, v in done.items() if k in ids}, n)
+    (out / "results.json").write_text(json.dumps(tables, indent=2))
+    (out / "results.md").write_text(to_markdown(tables))
+    return tables

@@ -422,3 +422,11 @@ def test_step_detection():
     set_step(7)
     assert _detect_step(m2, {"batch_num_tokens": 9, "dp_size": 1}) == 7
     set_step(None)
+
+
+def test_clip_cov_and_kl_cov_ignore_clip_ratio_c_like_verl():
+    from rlvr_entropy.verl.loss import method_for
+
+    for name in ("clip_cov", "kl_cov"):
+        assert method_for(name, _actor_config(loss_mode=f"rle_{name}")).config.dual_clip is None
+    assert method_for("grpo", _actor_config(loss_mode="rle_grpo")).config.dual_clip == 3.0

@@ -70,6 +70,8 @@ def method_for(name: str, actor_config: Any) -> Method:
     cls = get_method_class(name)
     fields = {f.name for f in dataclasses.fields(cls.Config)}
     pg = {k: v for k, v in pg_fields(actor_config).items() if k in fields}
+    if name in ("clip_cov", "kl_cov"):  # verl's own clip_cov / kl_cov ignore clip_ratio_c: match them
+        pg["dual_clip"] = None
     config = cls.Config(**pg, **cfg)
     m = METHODS.get(name)
     if m is None or m.config != config:

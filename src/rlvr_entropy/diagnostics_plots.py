@@ -26,6 +26,21 @@ def _plt():
     return plt
 
 
+def _save(plt, fig, out: str | Path) -> Path:
+    fig.tight_layout()
+    out = Path(out)
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
+
+
+def _mean_report(records: list[dict[str, Any]], key: str) -> float:
+    """Mean of a report value over probes, NaNs (too few points) left out."""
+    vals = [r["report"].get(key, math.nan) for r in records]
+    vals = [v for v in vals if v == v]
+    return sum(vals) / len(vals) if vals else math.nan
+
+
 def load_probe_records(path: str | Path) -> list[dict[str, Any]]:
     """Read an ``entropy_change.jsonl`` file (a missing file gives [])."""
     p = Path(path)
@@ -48,20 +63,13 @@ def scatter_predicted_vs_measured(records: list[dict[str, Any]], out: str | Path
                         xs.append(p)
                         ys.append(m)
             ax.scatter(xs, ys, s=4, alpha=0.4, color=colors[qi], label=_LABELS[q])
-        vals = [r["report"].get(f"{form}/pearson", math.nan) for r in records]
-        vals = [v for v in vals if v == v]
-        mean = sum(vals) / len(vals) if vals else math.nan
-        ax.set_title(f"{form}: mean Pearson {mean:.3f}")
+        ax.set_title(f"{form}: mean Pearson {_mean_report(records, f'{form}/pearson'):.3f}")
         ax.set_xlabel("predicted change / lr")
         ax.set_ylabel("measured entropy change")
         ax.axhline(0, color="grey", lw=0.5)
         ax.axvline(0, color="grey", lw=0.5)
         ax.legend(fontsize=7, markerscale=3)
-    fig.tight_layout()
-    out = Path(out)
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
-    return out
+    return _save(plt, fig, out)
 
 
 def quadrant_bars(records: list[dict[str, Any]], out: str | Path) -> Path:
@@ -70,22 +78,15 @@ def quadrant_bars(records: list[dict[str, Any]], out: str | Path) -> Path:
     fig, ax = plt.subplots(figsize=(6, 3.5))
     width = 0.8 / len(FORMS)
     for fi, form in enumerate(FORMS):
-        means = []
-        for q in QUADRANTS:
-            vals = [r["report"].get(f"{form}/pearson/{q}", math.nan) for r in records]
-            vals = [v for v in vals if v == v]
-            means.append(sum(vals) / len(vals) if vals else 0.0)
+        means = [_mean_report(records, f"{form}/pearson/{q}") for q in QUADRANTS]
+        means = [0.0 if m != m else m for m in means]
         ax.bar([i + fi * width for i in range(len(QUADRANTS))], means, width=width, label=form)
     ax.set_xticks([i + width * (len(FORMS) - 1) / 2 for i in range(len(QUADRANTS))])
     ax.set_xticklabels([_LABELS[q] for q in QUADRANTS])
     ax.set_ylabel("Pearson(predicted, measured)")
     ax.set_ylim(-1, 1)
     ax.legend()
-    fig.tight_layout()
-    out = Path(out)
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
-    return out
+    return _save(plt, fig, out)
 
 
 def entropy_percentiles(rows: Iterable[dict[str, Any]], out: str | Path,
@@ -101,8 +102,4 @@ def entropy_percentiles(rows: Iterable[dict[str, Any]], out: str | Path,
     ax.set_xlabel("step")
     ax.set_ylabel("token entropy (nats)")
     ax.legend()
-    fig.tight_layout()
-    out = Path(out)
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
-    return out
+    return _save(plt, fig, out)

@@ -8,8 +8,6 @@ plots.
 from __future__ import annotations
 
 import argparse
-import math
-import statistics
 from pathlib import Path
 
 from rlvr_entropy import diagnostics_plots as P
@@ -32,9 +30,7 @@ def main(argv=None) -> int:
     print(f"{len(recs)} probes ({a.method}, lr {a.lr}, countdown3, TRL engine); mean over probes:")
     for form in FORMS:
         def m(key):
-            vals = [r["report"].get(key, math.nan) for r in recs]
-            vals = [v for v in vals if v == v]
-            return statistics.fmean(vals) if vals else math.nan
+            return P._mean_report(recs, key)
         quad = ", ".join(f"{q} {m(f'{form}/pearson/{q}'):.3f}" for q in QUADRANTS)
         print(f"  {form:5s}: Pearson {m(f'{form}/pearson'):.3f}, Spearman {m(f'{form}/spearman'):.3f}; "
               f"Pearson per quadrant: {quad}")

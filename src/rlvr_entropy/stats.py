@@ -11,8 +11,8 @@ come back in the logits' dtype.
 
 An optional ``mask`` [...] (bool) marks the positions that matter: the others are treated as all-zero logits, so
 NaN or inf there never leaks into a result or a gradient (their value is that of all-zero logits, their gradient
-is exactly zero). A valid position whose logits have a non-finite logsumexp (NaN or +inf logits, or all -inf)
-gives NaN, as the plain formula would; -inf logits (tokens masked out of the vocabulary) are fine.
+is exactly zero). A valid position whose softmax is undefined (NaN or +inf logits, or all -inf) gives NaN, as the
+plain formula would; -inf logits (tokens masked out of the vocabulary) are fine.
 """
 from __future__ import annotations
 
@@ -182,6 +182,7 @@ _K0 = 64          # stage 1: exact top-k0 for every row whose nucleus may fit in
 _GROUP = 64       # stage 1 searches the k0 groups of _GROUP logits with the largest maxima
 _STRIDE = 16      # stage 2 samples every _STRIDE-th logit to place the candidate threshold
 _FLAT_TOL = 1e-4  # top-K probability mass this far below p: the cumulative sum never reaches p
+_RANK_FACTOR = 1.5  # stage 2 threshold at this multiple of the estimated crossing rank (plus a noise margin)
 
 
 def _softmax_into(blk: torch.Tensor, buf: torch.Tensor) -> torch.Tensor:
@@ -287,7 +288,7 @@ def _candidates(b: torch.Tensor, pb: torch.Tensor, c0: torch.Tensor, v0: torch.T
     spr = torch.where(st > -math.inf, pb[:, ::_STRIDE].gather(1, sj), torch.zeros((), dtype=cd, device=dev))
     est = c0[:, None] + _STRIDE * torch.cumsum(spr, -1)
     a_p = (est < p).sum(-1)  # estimated crossing, in sample ranks
-    need = torch.where(a_p < ak, (1.5 * a_p + 4 * a_p.to(cd).sqrt() + 8).ceil().long(),
+    need = torch.where(a_p < ak, (_RANK_FACTOR * a_p + 4 * a_p.to(cd).sqrt() + 8).ceil().long(),
                        torch.full_like(a_p, ak_full))
     a_l = need.clamp(max=ak)
     L = st.gather(1, (a_l - 1)[:, None]).squeeze(1)
@@ -311,24 +312,25 @@ def _candidates(b: torch.Tensor, pb: torch.Tensor, c0: torch.Tensor, v0: torch.T
     return P, cnt, good, probs_of
 
 
-def _flat_top_k(P: torch.Tensor, mx: torch.Tensor, pmax: torch.Tensor, p: float, K: int):
+def _flat_top_k(P: torch.Tensor, pmax: torch.Tensor, p: float, K: int):
     """Rows of P [f, C] holding (at least) the K largest logits of their row -> (flat [f], u [f, K]).
 
-    mx [f]: row maxima, pmax [f]: the largest softmax probability of each row (= 1 / sum exp(z - mx)).
+    pmax [f]: the largest softmax probability of each row (= 1 / sum exp(z - max z)).
     u: the top K of each row, unordered (a selection, not a sort). flat: their total probability,
-    sum exp(u - mx) * pmax, is below p - _FLAT_TOL, so the sorted cumulative sum C_K < p and every C_j < p (C is
-    non-decreasing): all K are kept. The tolerance covers rounding (a relative 1e-6 at most here).
+    sum exp(u - max u) * pmax, is below p - _FLAT_TOL, so the sorted cumulative sum C_K < p and every C_j < p (C
+    is non-decreasing): all K are kept. The tolerance covers rounding (a relative 1e-6 at most here).
     """
     u = torch.topk(P, K, dim=-1, sorted=False).values
-    return (u - mx[:, None]).exp().sum(-1) * pmax < p - _FLAT_TOL, u
+    return (u - u.amax(-1, keepdim=True)).exp().sum(-1) * pmax < p - _FLAT_TOL, u
 
 
-def _nucleus_block(blk: torch.Tensor, probs: torch.Tensor, mx: torch.Tensor, p: float, K: int, inclusive: bool):
-    """Nucleus of every row of blk [r, V] (finite logits) -> (m, thr, simple, h, ls), each [r].
+def _nucleus_block(blk: torch.Tensor, probs: torch.Tensor, pmax: torch.Tensor, p: float, K: int, inclusive: bool):
+    """Nucleus of every row of blk [r, V] (finite softmax) -> (m, thr, simple, h, ls, mx), each [r].
 
     probs [r, V]: torch.softmax(blk, -1), the probabilities whose sorted cumulative sum C decides (as in the
-    official code); mx [r]: row maxima. Output: nucleus size m, the m-th largest logit thr, simple (no tie at thr
-    to break), the entropy h of the renormalized nucleus and ls = logsumexp(nucleus logits - mx).
+    official code); pmax [r]: their row maxima. Output: nucleus size m, the m-th largest logit thr, simple (no tie
+    at thr to break), the entropy h of the renormalized nucleus, ls = logsumexp(nucleus logits - mx) and the row
+    maxima mx of the logits (read off the small matrices, no pass over blk).
     Exact (the same m and kept values as sorting the whole row), but sorts only what it must:
       1. Rows whose largest probability is at least p / 64 (C_j <= j * max prob, so only those can reach p within
          64 tokens) take an exact top-64 (found among the 64 groups of 64 logits with the largest maxima); a row
@@ -351,10 +353,12 @@ def _nucleus_block(blk: torch.Tensor, probs: torch.Tensor, mx: torch.Tensor, p: 
     simple = torch.ones(r, dtype=torch.bool, device=dev)
     h = torch.zeros(r, dtype=cd, device=dev)
     ls = torch.full((r,), -math.inf, dtype=cd, device=dev)
+    mx = torch.zeros(r, dtype=cd, device=dev)
 
-    def record(rows, mm, tt, ss, vals):
-        hh, ll = _prefix_entropy(vals, mm, mx[rows])
-        m[rows], thr[rows], simple[rows], h[rows], ls[rows] = mm, tt, ss, hh, ll
+    def record(rows, mm, tt, ss, vals):  # vals [len(rows), w]: the row's top values (they include its maximum)
+        sh = vals.amax(-1)
+        hh, ll = _prefix_entropy(vals, mm, sh)
+        m[rows], thr[rows], simple[rows], h[rows], ls[rows], mx[rows] = mm, tt, ss, hh, ll, sh
 
     def take(t, rows):
         return t if rows.numel() == r else t.index_select(0, rows)
@@ -365,7 +369,6 @@ def _nucleus_block(blk: torch.Tensor, probs: torch.Tensor, mx: torch.Tensor, p: 
     v0 = torch.full((r,), math.inf, dtype=cd, device=dev)  # k0-th largest logit (inf: stage 1 skipped)
 
     # Stage 1: exact top-k0.
-    pmax = probs.amax(-1)
     s1 = todo if K <= k0 else (pmax * (k0 * (1 + 1e-4)) >= p).nonzero().squeeze(1)
     if s1.numel():
         vals, idx = _topk_sorted(take(blk, s1), k0)
@@ -384,7 +387,7 @@ def _nucleus_block(blk: torch.Tensor, probs: torch.Tensor, mx: torch.Tensor, p: 
         left[s1[ok]] = False
         todo = left.nonzero().squeeze(1)
     if todo.numel() == 0:
-        return m, thr, simple, h, ls
+        return m, thr, simple, h, ls, mx
 
     # Stage 2: candidates above a sampled threshold.
     fallback = []
@@ -394,7 +397,7 @@ def _nucleus_block(blk: torch.Tensor, probs: torch.Tensor, mx: torch.Tensor, p: 
         rest = good & (cnt < K)
         full = (good & (cnt >= K)).nonzero().squeeze(1)
         if full.numel():
-            flat, u = _flat_top_k(P[full], mx[todo[full]], pmax[todo[full]], p, K)
+            flat, u = _flat_top_k(P[full], pmax[todo[full]], p, K)
             fl = flat.nonzero().squeeze(1)
             if fl.numel():  # C_K < p: all K kept, no order needed
                 uf, tt = u[fl], u[fl].amin(-1)
@@ -421,7 +424,7 @@ def _nucleus_block(blk: torch.Tensor, probs: torch.Tensor, mx: torch.Tensor, p: 
         avail = torch.full((fb.numel(),), K, dtype=torch.long, device=dev)
         mm, tt, ss, _ = _decide(vals, take(probs, fb).gather(1, idx), avail, p, K, inclusive, closed=(K == V))
         record(fb, mm, tt, ss, vals)
-    return m, thr, simple, h, ls
+    return m, thr, simple, h, ls, mx
 
 
 def _kept(blk: torch.Tensor, thr: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
@@ -453,26 +456,26 @@ def _top_p_forward(z, valid, p, K, inclusive, chunk):
     buf = torch.empty(min(chunk, max(n, 1)), V, dtype=cd, device=dev)
     if valid is not None and not bool(valid.all()):
         zero = torch.zeros(1, V, dtype=cd, device=dev)
-        m0, _, _, h0, _ = _nucleus_block(zero, _softmax_into(zero, buf[:1]), zero[:, 0], p, K, inclusive)
+        pz = _softmax_into(zero, buf[:1])
+        m0, _, _, h0, _, _ = _nucleus_block(zero, pz, pz.amax(-1), p, K, inclusive)
         h.fill_(float(h0[0]))
         m.fill_(int(m0[0]))  # thr stays +inf there: nothing kept in the backward, the gradient is zero
     for s, e, rows, blk in _blocks(z, valid, chunk, cd):
-        mx = blk.amax(-1)
-        fin = torch.isfinite(mx)  # NaN or +inf logits, or an all -inf row: NaN out, NaN gradient
+        probs = _softmax_into(blk, buf[:blk.shape[0]])
+        pmax = probs.amax(-1)
+        fin = torch.isfinite(pmax)  # NaN or +inf logits, or an all -inf row: NaN out, NaN gradient
         if bool(fin.all()):
-            probs = _softmax_into(blk, buf[:blk.shape[0]])
-            mb, tb, sb, hb, lb = _nucleus_block(blk, probs, mx, p, K, inclusive)
+            mb, tb, sb, hb, lb, xb = _nucleus_block(blk, probs, pmax, p, K, inclusive)
         else:
             fi = fin.nonzero().squeeze(1)
-            nan = torch.full_like(mx, math.nan)
-            mb, tb, sb, hb, lb = torch.zeros_like(mx, dtype=torch.long), nan, torch.ones_like(fin), nan.clone(), nan
+            nan = torch.full_like(pmax, math.nan)
+            mb, tb, sb = torch.zeros_like(pmax, dtype=torch.long), nan.clone(), torch.ones_like(fin)
+            hb, lb, xb = nan.clone(), nan.clone(), nan.clone()
             if fi.numel():
-                bf = blk[fi]
-                part = _nucleus_block(bf, _softmax_into(bf, buf[:fi.numel()]), mx[fi], p, K, inclusive)
-                tb, lb = tb.clone(), lb.clone()
-                for dst, src in zip((mb, tb, sb, hb, lb), part):
+                part = _nucleus_block(blk[fi], probs[fi], pmax[fi], p, K, inclusive)
+                for dst, src in zip((mb, tb, sb, hb, lb, xb), part):
                     dst[fi] = src
-        for dst, src in ((h, hb), (ls, lb), (thr, tb), (m, mb), (simple, sb), (mxs, mx)):
+        for dst, src in ((h, hb), (ls, lb), (thr, tb), (m, mb), (simple, sb), (mxs, xb)):
             _fill_rows(dst, s, e, rows, src)
     return h, m, thr, simple, ls, mxs
 

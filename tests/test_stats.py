@@ -217,6 +217,21 @@ def test_predicted_change_chunks_mask_and_no_grad():
     assert not stats.predicted_entropy_change(z.requires_grad_(True), a, c).requires_grad
 
 
+def test_entropy_change_terms_by_definition():
+    g = _gen(11)
+    z = (torch.randn(3, 4, 9, generator=g) * 2).double()
+    pi = torch.softmax(z, -1)
+    h_ref = -(pi * pi.log()).sum(-1)
+    second_ref = (pi * pi * (pi.log() + h_ref[..., None])).sum(-1)
+    mask = torch.rand(3, 4, generator=g) < 0.6
+    zn = torch.where(mask[..., None], z, torch.tensor(math.nan, dtype=torch.float64))
+    for cs in (None, 1, 5):
+        h, second = stats.entropy_change_terms(zn, mask, chunk_size=cs)
+        torch.testing.assert_close(h[mask], h_ref[mask], rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(second[mask], second_ref[mask], rtol=1e-12, atol=1e-12)
+        assert (h[~mask] == 0).all() and (second[~mask] == 0).all()
+
+
 def test_predicted_change_validation_errors_name_the_argument():
     z, a, c = torch.zeros(2, 3, 5), torch.zeros(2, 3, dtype=torch.long), torch.ones(2, 3)
     with pytest.raises(ValueError, match="form"):

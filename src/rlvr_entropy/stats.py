@@ -591,6 +591,45 @@ def nucleus_size(logits: torch.Tensor, p: float = 0.8, top_k: int | None = None,
 
 # ------------------------------------------------------------------------------- predicted entropy change
 @torch.no_grad()
+def _change_terms(z: torch.Tensor, valid: torch.Tensor | None, chunk_size: int | None = None):
+    """Flattened logits z [N, V] (rows outside ``valid`` read as zeros) -> (H, sum_k pi_k^2 (log pi_k + H),
+    logsumexp), each [N] in the compute dtype; chunked over rows, no gradient. The terms of the exact first-order
+    entropy change (steer.md, last section), shared by predicted_entropy_change and the thermostat."""
+    cd = _compute_dtype(z.dtype)
+    chunk = chunk_size or default_chunk_size(z.shape[-1])
+    h = torch.zeros(z.shape[0], dtype=cd, device=z.device)
+    second = torch.zeros_like(h)
+    lse = torch.zeros_like(h)
+    for s in range(0, z.shape[0], chunk):
+        e = s + chunk
+        rows = _rows(z, valid, s, e, cd)
+        lse[s:e] = torch.logsumexp(rows, -1)
+        logp = rows - lse[s:e, None]
+        p = logp.exp()
+        plogp = torch.where(p > 0, p * logp, 0.0)
+        h[s:e] = -plogp.sum(-1)
+        second[s:e] = (p * plogp).sum(-1) + (p * p).sum(-1) * h[s:e]
+    return h, second, lse
+
+
+def entropy_change_terms(logits: torch.Tensor, mask: torch.Tensor | None = None,
+                         chunk_size: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(H, sum_k pi_k^2 (log pi_k + H)) per position, [...] each, from logits [..., V]; no gradient, chunked.
+
+    With them the exact first-order entropy change of a token with log-probability lp and coefficient w is
+    -w [exp(lp) (lp + H) - second] (what predicted_entropy_change(form="exact") returns). Positions outside
+    ``mask`` give 0.
+    """
+    check_int("chunk_size", chunk_size, lo=1, allow_none=True)
+    z, valid, lead = _flatten(logits, mask)
+    h, second, _ = _change_terms(z, valid, chunk_size)
+    if valid is not None:
+        h = torch.where(valid, h, torch.zeros_like(h))
+        second = torch.where(valid, second, torch.zeros_like(second))
+    return h.reshape(lead), second.reshape(lead)
+
+
+@torch.no_grad()
 def predicted_entropy_change(logits: torch.Tensor, token_ids: torch.Tensor, coef: torch.Tensor,
                              form: str = "exact", *, mask: torch.Tensor | None = None,
                              chunk_size: int | None = None) -> torch.Tensor:
@@ -617,26 +656,17 @@ def predicted_entropy_change(logits: torch.Tensor, token_ids: torch.Tensor, coef
     if bool(((ids < 0) | (ids >= V))[ok].any()):
         raise ValueError(f"token_ids must be in [0, {V}) at valid positions")
     ids = torch.where(ok, ids, torch.zeros_like(ids))
-    cd = _compute_dtype(z.dtype)
-    w = coef.reshape(-1).to(cd)
+    w = coef.reshape(-1).to(_compute_dtype(z.dtype))
     if bool((~torch.isfinite(w))[ok].any()):
         raise ValueError("coef has non-finite values at valid positions")
-    chunk = chunk_size or default_chunk_size(V)
-    out = torch.zeros(z.shape[0], dtype=cd, device=z.device)
-    for s in range(0, z.shape[0], chunk):
-        e = s + chunk
-        logp = torch.log_softmax(_rows(z, valid, s, e, cd), -1)
-        p = logp.exp()
-        plogp = torch.where(p > 0, p * logp, 0.0)
-        h = -plogp.sum(-1)
-        logp_a = logp.gather(1, ids[s:e, None]).squeeze(1)
-        p_a = logp_a.exp()
-        if form == "exact":
-            second = (p * plogp).sum(-1) + (p * p).sum(-1) * h  # sum_k pi_k^2 (log pi_k + H)
-            d = -w[s:e] * (p_a * (logp_a + h) - second)
-        else:
-            d = -w[s:e] * (1 - p_a) ** 2 * (logp_a + h)
-        out[s:e] = d
+    h, second, lse = _change_terms(z, valid, chunk_size)
+    z_a = z.gather(1, ids[:, None]).squeeze(1).to(h.dtype)  # [N]: no copy of the logits
+    logp_a = torch.where(ok, z_a, torch.zeros_like(z_a)) - lse  # invalid rows read as zeros, like _rows
+    p_a = logp_a.exp()
+    if form == "exact":
+        out = -w * (p_a * (logp_a + h) - second)
+    else:
+        out = -w * (1 - p_a) ** 2 * (logp_a + h)
     if valid is not None:
         out = torch.where(valid, out, torch.zeros_like(out))
     return out.reshape(lead)

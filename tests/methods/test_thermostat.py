@@ -16,25 +16,83 @@ def test_damping_weight_hand_case():
     # d = [-3, -1, +2, 0]; S = mean|d| = 6/4 = 1.5; wrong (u > 0) = d < 0: sum |d| / 4 = 1.0
     d = torch.tensor([[-3.0, -1.0, 2.0, 0.0]])
     el = torch.ones_like(d, dtype=torch.bool)
-    w, lam = damping_weight(d, el, u=0.4, weight_min=0.0)
+    w, (lam,) = damping_weight(d, el, u=0.4, weight_min=0.0)
     # lambda = 1 - 0.4 * 1.5 / 1.0 = 0.4
     assert lam == pytest.approx(0.4)
     assert torch.allclose(w, torch.tensor([[0.4, 0.4, 1.0, 1.0]]))
     # the weighted mean change moved by u * S = 0.6: from -0.5 to +0.1
     assert (w * d).mean().item() == pytest.approx(d.mean().item() + 0.6)
     # u < 0: wrong = d > 0: sum 2 / 4 = 0.5; lambda = 1 - 0.2 * 1.5 / 0.5 = 0.4
-    w, lam = damping_weight(d, el, u=-0.2, weight_min=0.0)
+    w, (lam,) = damping_weight(d, el, u=-0.2, weight_min=0.0)
     assert lam == pytest.approx(0.4) and torch.allclose(w, torch.tensor([[1.0, 1.0, 0.4, 1.0]]))
     # clipped at weight_min
-    w, lam = damping_weight(d, el, u=1.0, weight_min=0.3)
+    w, (lam,) = damping_weight(d, el, u=1.0, weight_min=0.3)
     assert lam == 0.3
     # u = 0, or nothing eligible -> all ones
-    assert damping_weight(d, el, u=0.0, weight_min=0.0)[1] == 1.0
-    assert damping_weight(d, torch.zeros_like(el), u=0.5, weight_min=0.0)[1] == 1.0
+    assert damping_weight(d, el, u=0.0, weight_min=0.0)[1] == (1.0,)
+    assert damping_weight(d, torch.zeros_like(el), u=0.5, weight_min=0.0)[1] == (1.0,)
     # eligibility restricts the wrong-way set
     el2 = torch.tensor([[False, True, True, True]])
-    w, lam = damping_weight(d, el2, u=0.1, weight_min=0.0)
+    w, (lam,) = damping_weight(d, el2, u=0.1, weight_min=0.0)
     assert w[0, 0] == 1.0 and w[0, 1] == pytest.approx(lam)
+
+
+def test_damping_weight_priority_groups_by_hand():
+    # d = [-3, -1, +2, 0], first = [False, True, False, False]; S = 1.5, N = 4.
+    d = torch.tensor([[-3.0, -1.0, 2.0, 0.0]])
+    el = torch.ones_like(d, dtype=torch.bool)
+    first = torch.tensor([[False, True, False, False]])
+    # u = 0.1: C = 0.15; first group W1 = 1/4 = 0.25 -> lambda1 = 1 - 0.15/0.25 = 0.4, the rest untouched
+    w, lams = damping_weight(d, el, u=0.1, weight_min=0.0, first=first)
+    assert lams == pytest.approx((0.4, 1.0))
+    assert torch.allclose(w, torch.tensor([[1.0, 0.4, 1.0, 1.0]]))
+    # u = 0.4: C = 0.6 > W1 = 0.25 -> lambda1 = 0 cancels 0.25; the rest (W2 = 3/4) cancels 0.35:
+    # lambda2 = 1 - 0.35 / 0.75 = 8/15
+    w, lams = damping_weight(d, el, u=0.4, weight_min=0.0, first=first)
+    assert lams == pytest.approx((0.0, 8 / 15))
+    assert torch.allclose(w, torch.tensor([[8 / 15, 0.0, 1.0, 1.0]]))
+    # the total cancelled equals the one-group solution's
+    w1, _ = damping_weight(d, el, u=0.4, weight_min=0.0)
+    assert (w * d).sum().item() == pytest.approx((w1 * d).sum().item())
+    # weight_min bounds the first group too: 0.5 cancels only 0.125 there
+    w, lams = damping_weight(d, el, u=0.1, weight_min=0.5, first=first)
+    assert lams == pytest.approx((0.5, 1 - 0.025 / 0.75))
+    # an empty first group: everything from the rest, as without priority
+    w, lams = damping_weight(d, el, u=0.4, weight_min=0.0, first=torch.zeros_like(first))
+    assert lams == pytest.approx((1.0, 0.4))
+
+
+def test_damp_first_negative_protects_positive_tokens():
+    torch.manual_seed(0)
+    B, T, V = 4, 6, 7
+    logits = torch.randn(B, T, V, dtype=torch.float64)
+    adv = torch.tensor([1.0, -1.0, 0.5, -0.5], dtype=torch.float64)
+    # positive rows sample their most likely token (reinforcing it lowers entropy), negative rows token 0
+    tok = torch.where(adv[:, None] > 0, logits.argmax(-1), torch.zeros(B, T, dtype=torch.long))
+    lp0 = torch.log_softmax(logits, -1).gather(-1, tok[..., None]).squeeze(-1)
+    mask = torch.ones(B, T, dtype=torch.bool)
+
+    def grad(name, **cfg):
+        lp = lp0.clone().requires_grad_(True)
+        b = re.TokenBatch(log_prob=lp, old_log_prob=lp0, advantages=adv, mask=mask, logits=logits)
+        out = re.make_method(name, **cfg).compute_loss(b)
+        out.loss.backward()
+        return lp.grad, out.metrics
+
+    g0, _ = grad("grpo", eps_high=0.28)
+    # target far above: u > 0; a small gain so the negative-advantage wrong-way tokens can absorb it all
+    g, met = grad("thermostat", target=10.0, damp_first="negative", kp=0.05, ki=0.0)
+    assert met["thermostat/u"] > 0 and met["thermostat/lambda"] < 1.0 and met["thermostat/lambda_rest"] == 1.0
+    pos = adv > 0
+    assert torch.equal(g[pos], g0[pos])  # positive-advantage tokens untouched
+    assert (g[~pos].abs() < g0[~pos].abs() - 1e-12).any()  # some negative-advantage tokens damped
+    assert (g[~pos].abs() <= g0[~pos].abs() + 1e-15).all()
+    # "positive" is the mirror image
+    g, met = grad("thermostat", target=10.0, damp_first="positive", kp=0.05, ki=0.0)
+    assert met["thermostat/lambda"] < 1.0 and met["thermostat/lambda_rest"] == 1.0
+    assert torch.equal(g[~pos], g0[~pos]) and (g[pos].abs() < g0[pos].abs() - 1e-12).any()
+    with pytest.raises(ValueError, match="damp_first"):
+        re.make_method("thermostat", damp_first="sideways")
 
 
 def test_pi_controller_by_hand():

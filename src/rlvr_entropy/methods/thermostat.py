@@ -73,6 +73,9 @@ class ThermostatConfig(PGConfig):
     """Nucleus for restrict="siren" (SIREN default, arXiv 2509.25133)."""
     quantile: float = 0.8
     """Per-response peak-entropy quantile for restrict="siren" (SIREN default)."""
+    damp_first: str = "none"
+    """Which wrong-way tokens give way first: "none" (all alike, one weight), "negative" (negative-advantage
+    tokens first, then the rest only if needed) or "positive" (positive-advantage tokens first)."""
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -98,24 +101,7 @@ class ThermostatConfig(PGConfig):
             raise ValueError(f"renormalize must be a bool, got {self.renormalize!r}")
         check_float("top_p", self.top_p, lo=0.0, hi=1.0, lo_open=True)
         check_float("quantile", self.quantile, lo=0.0, hi=1.0)
-
-
-@torch.no_grad()
-def _entropy_change_terms(logits: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(H, sum_k pi_k^2 (log pi_k + H)) per position, [B, T] each; chunked over positions, no gradient."""
-    z, valid, lead = stats._flatten(logits, mask)
-    cd = torch.float64 if z.dtype == torch.float64 else torch.float32
-    chunk = stats.default_chunk_size(z.shape[-1])
-    h = torch.zeros(z.shape[0], dtype=cd, device=z.device)
-    s2 = torch.zeros_like(h)
-    for s in range(0, z.shape[0], chunk):
-        logp = torch.log_softmax(stats._rows(z, valid, s, s + chunk, cd), -1)
-        p = logp.exp()
-        plogp = torch.where(p > 0, p * logp, torch.zeros((), dtype=cd))
-        hb = -plogp.sum(-1)
-        h[s:s + chunk] = hb
-        s2[s:s + chunk] = (p * plogp).sum(-1) + (p * p).sum(-1) * hb
-    return h.reshape(lead), s2.reshape(lead)
+        check_choice("damp_first", self.damp_first, ("none", "negative", "positive"))
 
 
 @torch.no_grad()
@@ -126,30 +112,46 @@ def predicted_change(logits: torch.Tensor, log_prob: torch.Tensor, coef: torch.T
     Same formula as ``stats.predicted_entropy_change(form="exact")`` but takes the sampled token's log-prob instead
     of its id (a TokenBatch has no ids); logits [B, T, V], log_prob/coef/mask [B, T].
     """
-    h, s2 = _entropy_change_terms(logits, mask)
+    h, s2 = stats.entropy_change_terms(logits, mask)
     lpa = torch.where(mask, log_prob.detach().to(h.dtype), torch.zeros((), dtype=h.dtype))
     d = -coef.to(h.dtype) * (lpa.exp() * (lpa + h) - s2)
     return torch.where(mask, d, torch.zeros_like(d))
 
 
-def damping_weight(d: torch.Tensor, eligible: torch.Tensor, u: float, weight_min: float) -> tuple[torch.Tensor, float]:
-    """Closed-form weights [B, T]: wrong-way eligible tokens get lambda, all others 1.
+def damping_weight(d: torch.Tensor, eligible: torch.Tensor, u: float, weight_min: float,
+                   first: torch.Tensor | None = None) -> tuple[torch.Tensor, tuple[float, ...]]:
+    """Closed-form weights [B, T]: wrong-way eligible tokens get a damping weight, all others 1.
 
-    d [B, T] predicted changes, eligible bool [B, T], u the controller output (share of S = mean |d| to cancel).
-    Returns (weights, lambda).
+    d [B, T] predicted changes, eligible bool [B, T], u the controller output (share of S = mean |d| over the
+    eligible tokens to cancel). The wrong-way set (d < 0 when u > 0, d > 0 when u < 0) must cancel C = |u| S.
+    Without ``first`` every wrong-way token gets one weight lambda = clip(1 - C / W, weight_min, 1), W = |sum of
+    their d| / N. With ``first`` (bool [B, T]) the wrong-way tokens in ``first`` are damped first (down to
+    weight_min); only the part of C they cannot cancel is taken from the others, again with one closed-form
+    weight. Returns (weights, lambdas): one lambda per group (1.0 for a group left alone).
     """
     ones = torch.ones_like(d)
-    n = eligible.sum().clamp(min=1)
+    n_groups = 1 if first is None else 2
     if u == 0.0 or not bool(eligible.any()):
-        return ones, 1.0
+        return ones, (1.0,) * n_groups
+    n = eligible.sum().clamp(min=1)
     wrong = eligible & ((d < 0) if u > 0 else (d > 0))
-    wrong_sum = torch.where(wrong, d, torch.zeros_like(d)).sum().abs() / n
-    if float(wrong_sum) <= 0.0:
-        return ones, 1.0
-    s = torch.where(eligible, d.abs(), torch.zeros_like(d)).sum() / n
-    lam = float(1.0 - abs(u) * s / wrong_sum)
-    lam = min(max(lam, weight_min), 1.0)
-    return torch.where(wrong, torch.full_like(d, lam), ones), lam
+    need = abs(u) * float(torch.where(eligible, d.abs(), torch.zeros_like(d)).sum() / n)
+    groups = [wrong] if first is None else [wrong & first, wrong & ~first]
+    w, lams = ones, []
+    for g in groups:
+        size = float(torch.where(g, d, torch.zeros_like(d)).sum().abs() / n)
+        if size <= 0.0 or need <= 0.0:
+            lams.append(1.0)
+            continue
+        lam = 1.0 - need / size
+        if lam >= weight_min:  # this group cancels all that is left
+            need = 0.0
+        else:
+            lam = weight_min
+            need -= (1.0 - lam) * size
+        w = torch.where(g, torch.full_like(d, lam), w)
+        lams.append(lam)
+    return w, tuple(lams)
 
 
 @register_method
@@ -191,7 +193,8 @@ class Thermostat(Method):
         h_now = masked_mean(h_tok, eligible)
         if new_step and bool(eligible.any()):
             self.pi.update(float(h_now))
-        w, lam = damping_weight(d, eligible, self.pi.u, c.weight_min)
+        first = None if c.damp_first == "none" else (adv < 0 if c.damp_first == "negative" else adv > 0)
+        w, lams = damping_weight(d, eligible, self.pi.u, c.weight_min, first)
         if c.renormalize and bool(mask.any()):
             w = w / masked_mean(w, mask).clamp(min=1e-8)
         loss = self.aggregate(w * terms.loss, mask)
@@ -205,7 +208,8 @@ class Thermostat(Method):
                 "error": self.pi.last_error,
                 "u": self.pi.u,
                 "integral": self.pi.integral,
-                "lambda": lam,
+                "lambda": lams[0],
+                **({"lambda_rest": lams[1]} if len(lams) > 1 else {}),
                 "predicted_change": masked_mean(d, mask),
                 "predicted_change_weighted": masked_mean(w * d, mask),
                 "damped_frac": masked_mean((w < 1).float(), mask),

@@ -138,11 +138,31 @@ def test_config_validation():
     with pytest.raises(ValueError, match="restrict"):
         re.make_method("thermostat", restrict="all")
     with pytest.raises(ValueError, match="target_end"):
-        re.make_method("thermostat", target_end=0.5)
-    with pytest.raises(ValueError, match="not both"):
-        re.make_method("thermostat", target_end=0.5, target_end_scale=0.5, schedule_steps=3)
+        re.make_method("thermostat", target_end=0.0)
+    with pytest.raises(ValueError, match="schedule_steps"):
+        re.make_method("thermostat", schedule_steps=0)
     with pytest.raises(ValueError, match="target_scale"):
         re.make_method("thermostat", target_scale=0.0)
+
+
+def test_default_target_ramps_from_first_measurement_to_0_7():
+    leaves, _ = make_leaves(seed=13, B=3, T=6, V=9)
+    m = re.make_method("thermostat")
+    targets = [m.compute_loss(batch_from(leaves), step=k).metrics["thermostat/target"] for k in range(25)]
+    h0 = m.pi.target_start
+    # the target is read after the update of its step: step k has moved k + 1 of the 20 ramp steps
+    assert targets[0] == pytest.approx(h0 * (1 - 0.3 / 20))
+    assert targets[9] == pytest.approx(h0 * (1 - 0.3 * 10 / 20))
+    assert targets[19:] == pytest.approx([0.7 * h0] * 6)
+    # target_end (absolute) takes precedence over the relative end; schedule_steps=None keeps the start value
+    m = re.make_method("thermostat", target=2.0, target_end=1.0)
+    for k in range(20):
+        m.compute_loss(batch_from(leaves), step=k)
+    assert m.pi.target == pytest.approx(1.0)
+    m = re.make_method("thermostat", target=2.0, schedule_steps=None)
+    for k in range(5):
+        m.compute_loss(batch_from(leaves), step=k)
+    assert m.pi.target == pytest.approx(2.0)
 
 
 def test_restrict_to_siren_positions_damps_only_selected():
@@ -189,7 +209,7 @@ def test_closed_loop_holds_entropy_where_grpo_collapses():
     """Three valid answers per context: the best policy spreads over them (entropy up to ln 3 = 1.10). Plain GRPO
     concentrates on fewer answers; the thermostat with target 1.0 settles there and still learns."""
     grpo, grpo_acc = _bandit_run("grpo")
-    thermo, thermo_acc = _bandit_run("thermostat", target=1.0, target_scale=1.0, kp=4.0, ki=0.5)
+    thermo, thermo_acc = _bandit_run("thermostat", target=1.0, schedule_steps=None, kp=4.0, ki=0.5)
     assert grpo[-1] < 0.6 and grpo_acc > 0.95
     tail = thermo[-30:]
     assert max(abs(h - 1.0) for h in tail) < 0.15, tail

@@ -1,0 +1,109 @@
+"""Design measurements behind the thermostat's defaults: variants of the method on the Countdown testbed, with the
+evidence protocol (scripts/thermostat_evidence.py) but on design seeds (10, 11) kept apart from the evidence
+seeds (0, 1, 2), so the defaults are not chosen on the runs that judge them. Prints a markdown table (and writes it
+with --table FILE); every number comes from this script's runs.
+
+    python scripts/thermostat_design.py [--variants ramp0.7,ramp0.8] [--seeds 10,11] [--out runs/design] [--jobs 2]
+    python scripts/thermostat_design.py --only-report --table docs/methods/thermostat_design.md
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import thermostat_evidence as ev  # noqa: E402
+
+# name -> (thermostat overrides, what it tests)
+VARIANTS: dict[str, tuple[dict[str, object], str]] = {
+    "fixed0.8": ({"target_scale": 0.8, "schedule_steps": "none"}, "target 0.8 x H0 from the first step (no ramp)"),
+    "ramp0.8": ({"target_end_scale": 0.8}, "ramp 1.0 -> 0.8 x H0 over 20 steps"),
+    "ramp0.8-negfirst": ({"target_end_scale": 0.8, "damp_first": "negative"},
+                         "as ramp0.8, negative-advantage tokens damped first"),
+    "ramp0.8-posfirst": ({"target_end_scale": 0.8, "damp_first": "positive"},
+                         "as ramp0.8, positive-advantage tokens damped first"),
+    "ramp0.8-siren": ({"target_end_scale": 0.8, "restrict": "siren"}, "as ramp0.8, SIREN's positions only"),
+    "ramp0.75-30": ({"target_end_scale": 0.75, "schedule_steps": 30}, "ramp 1.0 -> 0.75 x H0 over 30 steps"),
+    "ramp0.7": ({"target_end_scale": 0.7}, "ramp 1.0 -> 0.7 x H0 over 20 steps"),
+    "ramp0.7-40": ({"target_end_scale": 0.7, "schedule_steps": 40}, "ramp 1.0 -> 0.7 x H0 over 40 steps"),
+    "ramp0.7-renorm": ({"target_end_scale": 0.7, "renormalize": "true"}, "as ramp0.7, weights rescaled to mean 1"),
+    "ramp0.65": ({"target_end_scale": 0.65}, "ramp 1.0 -> 0.65 x H0 over 20 steps"),
+    "ramp0.6": ({"target_end_scale": 0.6}, "ramp 1.0 -> 0.6 x H0 over 20 steps"),
+}
+BASE = {"target_scale": 1.0, "schedule_steps": 20}  # explicit, so the variants do not move with the defaults
+
+
+def _cmd(name: str, seed: int, steps: int, out: Path) -> list[str]:
+    over = {**ev.PG, **BASE, **VARIANTS[name][0]}
+    return [sys.executable, "-m", "rlvr_entropy.cli", "run", "--method", "thermostat", "--seed", str(seed),
+            "--steps", str(steps), "--out", str(out / name / f"seed{seed}"), "--no-plots", "--quiet",
+            *[f"train.{k}={v}" for k, v in ev.TRAIN.items()], *[f"{k}={v}" for k, v in over.items()]]
+
+
+def run_all(names: list[str], seeds: list[int], steps: int, out: Path, jobs: int) -> int:
+    todo = [(n, s) for n in names for s in seeds]
+    running: list[subprocess.Popen] = []
+    rc = 0
+    while todo or running:
+        while todo and len(running) < jobs:
+            n, s = todo.pop(0)
+            print(f"[{n} seed {s}]", file=sys.stderr)
+            running.append(subprocess.Popen(_cmd(n, s, steps, out)))
+        p = running.pop(0)
+        rc |= p.wait()
+    return rc
+
+
+def table(names: list[str], out: Path) -> str:
+    lines = ["| variant | what | seeds | pass@1 | pass@8 | pass@32 | distinct correct | H end | "
+             "max abs(10-step avg of (H-H*)/H*) |", "|---|---|---|---|---|---|---|---|---|"]
+    for n in names:
+        per = []
+        for p in sorted((out / n).glob("seed*/metrics.jsonl")):
+            rows = [json.loads(x) for x in p.read_text().splitlines() if x.strip()]
+            if any("eval/pass@32" in r for r in rows):
+                per.append(ev._per_run(rows))
+        if not per:
+            continue
+        cells = []
+        for k in ("pass@1", "pass@8", "pass@32", "distinct", "entropy_end", "max_dev"):
+            m, se = ev._mean_se([r[k] for r in per])
+            cells.append(f"{m:.3f}" if len(per) < 2 else f"{m:.3f} ± {se:.3f}")
+        lines.append(f"| {n} | {VARIANTS[n][1]} | {len(per)} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--variants", default=",".join(VARIANTS))
+    ap.add_argument("--seeds", default="10,11")
+    ap.add_argument("--steps", type=int, default=100)
+    ap.add_argument("--out", default="runs/design")
+    ap.add_argument("--jobs", type=int, default=2)
+    ap.add_argument("--only-report", action="store_true")
+    ap.add_argument("--table", default=None, help="also write the markdown table to this file")
+    a = ap.parse_args(argv)
+    names = [n for n in a.variants.split(",") if n]
+    unknown = [n for n in names if n not in VARIANTS]
+    if unknown:
+        ap.error(f"unknown variants {unknown}; known: {list(VARIANTS)}")
+    out = Path(a.out)
+    if not a.only_report:
+        rc = run_all(names, [int(s) for s in a.seeds.split(",")], a.steps, out, a.jobs)
+        if rc:
+            return rc
+    md = table(names, out)
+    print(md)
+    if a.table:
+        Path(a.table).write_text(
+            "<!-- generated by scripts/thermostat_design.py --only-report; do not edit by hand -->\n"
+            "Thermostat design variants on countdown3 (evidence protocol, design seeds 10 and 11; mean ± standard "
+            "error across seeds).\n\n" + md + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,75 @@
+"""The issue-6 evidence and design scripts: their metrics by hand on synthetic metric logs, and the report path
+(--only-report) on fake runs. The real runs take tens of minutes and are not part of the suite."""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+import thermostat_design as design  # noqa: E402
+import thermostat_evidence as ev  # noqa: E402
+
+
+def _rows(hs, targets=None, p1=0.5):
+    rows = [{"step": 0, "eval/pass@1": 0.3, "eval/pass@8": 0.6, "eval/pass@32": 0.8, "eval/maj@k": 0.4,
+             "eval/distinct_correct": 2.0, "eval/entropy": 0.3}]
+    for i, h in enumerate(hs, start=1):
+        r = {"step": i, "entropy": h}
+        if targets is not None:
+            r["thermostat/target"] = targets[i - 1]
+        rows.append(r)
+    rows.append({"step": len(hs), "eval/pass@1": p1, "eval/pass@8": 0.7, "eval/pass@32": 0.9, "eval/maj@k": 0.5,
+                 "eval/distinct_correct": 3.0, "eval/entropy": 0.2})
+    return rows
+
+
+def test_tracking_metrics_by_hand():
+    # no target logged: H* = first step's value 1.0; |H - 1| = 0, 0.5, 0.5, 0 -> mean 0.25
+    r = ev._per_run(_rows([1.0, 0.5, 1.5, 1.0]), window=2)
+    assert r["track_err"] == pytest.approx(0.25)
+    # signed errors 0, -0.5, +0.5, 0; 2-step averages 0, -0.25, 0, 0.25 -> worst 0.25
+    assert r["max_dev"] == pytest.approx(0.25)
+    assert (r["pass@1"], r["pass@8"], r["pass@32"], r["maj@8"], r["distinct"]) == (0.5, 0.7, 0.9, 0.5, 3.0)
+    # a ramping target followed exactly: zero error (the average of the error, not of H, is compared)
+    ramp = [1.0 - 0.1 * i for i in range(6)]
+    r = ev._per_run(_rows(ramp, targets=ramp), window=10)
+    assert r["track_err"] == pytest.approx(0.0) and r["max_dev"] == pytest.approx(0.0)
+    # entropy 20% above its logged target throughout
+    r = ev._per_run(_rows([1.2] * 5, targets=[1.0] * 5))
+    assert r["track_err"] == pytest.approx(0.2) and r["max_dev"] == pytest.approx(0.2)
+
+
+def _fake_runs(root: Path, per_method: dict[str, list[float]]):
+    for m, p1s in per_method.items():
+        for s, p1 in enumerate(p1s):
+            d = root / m / f"seed{s}"
+            d.mkdir(parents=True)
+            targets = [0.9] * 5 if m == "thermostat" else None
+            (d / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in _rows([1.0] * 5, targets, p1)))
+
+
+def test_table_and_goal_check(tmp_path):
+    _fake_runs(tmp_path, {"grpo": [0.4, 0.5], "siren": [0.45, 0.45], "steer": [0.5, 0.6], "thermostat": [0.5, 0.5]})
+    md, st = ev.table(tmp_path)
+    assert md.splitlines()[2].startswith("| grpo | 2 | 0.450 ± 0.050 |")
+    assert st["thermostat"]["pass@1"] == pytest.approx((0.5, 0.0))
+    lines = ev.goal_check(st)
+    assert "pass@1: thermostat 0.500 vs siren 0.450: no worse" in "\n".join(lines)
+    assert "pass@1: thermostat 0.500 vs steer 0.550: WORSE" in "\n".join(lines)
+    assert any("NOT separated" in x for x in lines)  # equal pass@8 everywhere
+    # |1.0 - 0.9| / 0.9 = 0.111 <= 0.15
+    assert lines[-1].endswith("-> yes")
+
+
+def test_design_variants_and_table(tmp_path):
+    assert all(set(v[0]) <= {"target_scale", "target_end_scale", "schedule_steps", "damp_first", "restrict",
+                             "renormalize"} for v in design.VARIANTS.values())
+    cmd = design._cmd("ramp0.7", 10, 100, tmp_path)
+    assert "target_end_scale=0.7" in cmd and "schedule_steps=20" in cmd and "--seed" in cmd
+    _fake_runs(tmp_path, {"ramp0.7": [0.4, 0.5]})
+    md = design.table(["ramp0.7", "ramp0.8"], tmp_path)
+    assert "| ramp0.7 | ramp 1.0 -> 0.7 x H0 over 20 steps | 2 | 0.450 ± 0.050 |" in md
+    assert "ramp0.8 |" not in md  # no runs, no row

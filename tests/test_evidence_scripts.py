@@ -65,8 +65,12 @@ def test_table_and_goal_check(tmp_path):
 
 
 def test_design_variants_and_table(tmp_path):
-    assert all(set(v[0]) <= {"target_scale", "target_end_scale", "schedule_steps", "damp_first", "restrict",
-                             "renormalize"} for v in design.VARIANTS.values())
+    import dataclasses
+
+    from rlvr_entropy.methods.thermostat import ThermostatConfig
+
+    fields = {f.name for f in dataclasses.fields(ThermostatConfig)}
+    assert all(set(v[0]) <= fields for v in design.VARIANTS.values())
     cmd = design._cmd("ramp0.7", 10, 100, tmp_path)
     assert "target_end_scale=0.7" in cmd and "schedule_steps=20" in cmd and "--seed" in cmd
     _fake_runs(tmp_path, {"ramp0.7": [0.4, 0.5]})

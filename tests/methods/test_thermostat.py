@@ -8,7 +8,7 @@ import torch
 import rlvr_entropy as re
 from rlvr_entropy import stats
 from rlvr_entropy.controllers.pi import EntropyPI
-from rlvr_entropy.methods.thermostat import damping_weight, predicted_change
+from rlvr_entropy.methods.thermostat import boost_weight, damping_weight, predicted_change
 from tests.helpers import batch_from, make_leaves
 
 
@@ -35,6 +35,110 @@ def test_damping_weight_hand_case():
     el2 = torch.tensor([[False, True, True, True]])
     w, (lam,) = damping_weight(d, el2, u=0.1, weight_min=0.0)
     assert w[0, 0] == 1.0 and w[0, 1] == pytest.approx(lam)
+
+
+def test_boost_weight_hand_case():
+    # d = [-3, -1, +2, 0]; S = 1.5; u = 0.4 asks for +0.6. Right-way (d > 0) = {+2}: R = 2 / 4 = 0.5.
+    d = torch.tensor([[-3.0, -1.0, 2.0, 0.0]])
+    el = torch.ones_like(d, dtype=torch.bool)
+    # room enough: mu = 1 + 0.6 / 0.5 = 2.2, nothing left for damping
+    mu, rest = boost_weight(d, el, u=0.4, weight_max=3.0)
+    assert mu == pytest.approx(2.2) and rest == 0.0
+    # capped at 2: the boost covers 0.5, the remaining 0.1 = (1/15) S goes to damping: lambda = 1 - 0.1 / 1.0 = 0.9
+    mu, rest = boost_weight(d, el, u=0.4, weight_max=2.0)
+    assert mu == 2.0 and rest == pytest.approx(1 / 15)
+    _, (lam,) = damping_weight(d, el, u=rest, weight_min=0.0)
+    assert lam == pytest.approx(0.9)
+    w = torch.tensor([[lam, lam, mu, 1.0]])
+    assert (w * d).mean().item() == pytest.approx(d.mean().item() + 0.6)
+    # u < 0 boosts the entropy-lowering tokens: R = 4 / 4 = 1, need 0.2 * 1.5 = 0.3 -> mu = 1.3, sign kept in rest
+    mu, rest = boost_weight(d, el, u=-0.2, weight_max=2.0)
+    assert mu == pytest.approx(1.3) and rest == 0.0
+    mu, rest = boost_weight(d, el, u=-1.0, weight_max=1.5)
+    assert mu == 1.5 and rest == pytest.approx(-(1.5 - 0.5) / 1.5)
+    # neutral: weight_max = 1, u = 0, nothing eligible
+    assert boost_weight(d, el, u=0.4, weight_max=1.0) == (1.0, 0.4)
+    assert boost_weight(d, el, u=0.0, weight_max=2.0) == (1.0, 0.0)
+    assert boost_weight(d, torch.zeros_like(el), u=0.4, weight_max=2.0) == (1.0, 0.4)
+
+
+def test_damping_weight_dampable_by_hand():
+    # d = [-3, -1, +2, 0]; S = 1.5 over all four; u = 0.2 asks for 0.3. Only token 0 may be damped:
+    # W = 3 / 4 -> lambda = 1 - 0.3 / 0.75 = 0.6, token 1 (also wrong-way) keeps 1
+    d = torch.tensor([[-3.0, -1.0, 2.0, 0.0]])
+    el = torch.ones_like(d, dtype=torch.bool)
+    dampable = torch.tensor([[True, False, True, True]])
+    w, (lam,) = damping_weight(d, el, u=0.2, weight_min=0.0, dampable=dampable)
+    assert lam == pytest.approx(0.6)
+    assert torch.allclose(w, torch.tensor([[0.6, 1.0, 1.0, 1.0]]))
+    assert (w * d).mean().item() == pytest.approx(d.mean().item() + 0.3)
+    # nothing dampable: all ones
+    w, (lam,) = damping_weight(d, el, u=0.2, weight_min=0.0, dampable=torch.zeros_like(dampable))
+    assert lam == 1.0 and bool((w == 1).all())
+
+
+def test_protect_low_prob_never_damps_low_probability_tokens():
+    torch.manual_seed(2)
+    B, T, V = 6, 8, 7
+    logits = torch.randn(B, T, V, dtype=torch.float64) * 2
+    adv = torch.tensor([1.0, -1.0, 0.5, -0.5, 1.0, -1.0], dtype=torch.float64)
+    tok = torch.randint(V, (B, T))
+    lp0 = torch.log_softmax(logits, -1).gather(-1, tok[..., None]).squeeze(-1)
+    mask = torch.ones(B, T, dtype=torch.bool)
+    # the entropy-neutral test from the logits, independently of the method's sign trick
+    p = torch.softmax(logits, -1)
+    h = -(p * p.log()).sum(-1)
+    bracket = lp0.exp() * (lp0 + h) - (p ** 2 * (p.log() + h[..., None])).sum(-1)
+    low = bracket < 0
+    assert low.any() and (~low).any()
+
+    for target in (10.0, 0.01):  # entropy far below target (u > 0), then far above (u < 0)
+        grads = {}
+        for protect in ("none", "low_prob"):
+            lp = lp0.clone().requires_grad_(True)
+            b = re.TokenBatch(log_prob=lp, old_log_prob=lp0, advantages=adv, mask=mask, logits=logits)
+            m = re.make_method("thermostat", target=target, kp=0.5, ki=0.0, protect=protect)
+            m.compute_loss(b).loss.backward()
+            grads[protect] = lp.grad
+        g0 = re.make_method("grpo", eps_high=0.28)
+        lp = lp0.clone().requires_grad_(True)
+        g0.compute_loss(re.TokenBatch(log_prob=lp, old_log_prob=lp0, advantages=adv, mask=mask,
+                                      logits=logits)).loss.backward()
+        # low-probability tokens keep the full policy gradient; without protection some of them are damped
+        assert torch.allclose(grads["low_prob"][low], lp.grad[low])
+        assert not torch.allclose(grads["none"][low], lp.grad[low])
+        assert (grads["low_prob"][~low].abs() < lp.grad[~low].abs() - 1e-12).any()
+    with pytest.raises(ValueError, match="protect"):
+        re.make_method("thermostat", protect="rare")
+
+
+def test_weight_max_boosts_right_way_tokens_in_the_loss():
+    torch.manual_seed(1)
+    B, T, V = 4, 6, 7
+    logits = torch.randn(B, T, V, dtype=torch.float64)
+    adv = torch.tensor([1.0, -1.0, 0.5, -0.5], dtype=torch.float64)
+    tok = torch.randint(V, (B, T))
+    lp0 = torch.log_softmax(logits, -1).gather(-1, tok[..., None]).squeeze(-1)
+    mask = torch.ones(B, T, dtype=torch.bool)
+
+    def run(**cfg):
+        lp = lp0.clone().requires_grad_(True)
+        b = re.TokenBatch(log_prob=lp, old_log_prob=lp0, advantages=adv, mask=mask, logits=logits)
+        out = re.make_method("thermostat", target=10.0, kp=0.05, ki=0.0, **cfg).compute_loss(b)
+        out.loss.backward()
+        return lp.grad, out.metrics
+
+    g0, m0 = run()
+    g, m = run(weight_max=4.0)
+    d = predicted_change(logits, lp0, adv[:, None].expand(B, T), mask)
+    up = d > 0  # entropy far below target: the entropy-raising tokens are the right-way ones
+    assert m["thermostat/boost"] > 1.0 and m["thermostat/lambda"] == 1.0 and m0["thermostat/lambda"] < 1.0
+    assert torch.allclose(g[up], m["thermostat/boost"] * g0[up] / 1.0)  # grpo gradient x mu (g0 is undamped there)
+    assert torch.allclose(g[~up], g0[~up] / m0["thermostat/lambda"])  # wrong-way tokens keep weight 1
+    assert m["thermostat/predicted_change_weighted"] == pytest.approx(m0["thermostat/predicted_change_weighted"])
+    assert m["thermostat/boosted_frac"] == pytest.approx(up.double().mean().item())
+    with pytest.raises(ValueError, match="weight_max"):
+        re.make_method("thermostat", weight_max=0.5)
 
 
 def test_damping_weight_priority_groups_by_hand():

@@ -54,6 +54,10 @@ class ThermostatConfig(PGConfig):
     """Anti-windup clamp of the integral term."""
     weight_min: float = 0.0
     """Smallest weight a wrong-way token can get (1.0 disables damping)."""
+    weight_max: float = 1.0
+    """Largest weight a right-way token can get. Above 1 the controller first *boosts* the tokens that push entropy
+    toward the target (up to this weight) and damps the wrong-way ones only for what the boost cannot cover;
+    1.0 only damps (weights never exceed 1)."""
     target: float | None = None
     """Target entropy H* in nats; None measures it at the first step (saved in state_dict)."""
     target_scale: float = 1.0
@@ -70,11 +74,19 @@ class ThermostatConfig(PGConfig):
     renormalize: bool = False
     """Rescale the weights so their mean over valid tokens is 1 (keeps the step size; then weights can exceed 1)."""
     restrict: str = "none"
-    """"none": every valid token is eligible for damping; "siren": only SIREN's selected positions."""
+    """"none": every valid token is eligible for damping; "siren": only SIREN's selected positions (top-p entropy
+    above the per-response quantile); "peak": the same per-response peak selection on the full entropy. When
+    restricted, the controlled quantity is the mean entropy of the eligible positions."""
     top_p: float = 0.8
     """Nucleus for restrict="siren" (SIREN default, arXiv 2509.25133)."""
     quantile: float = 0.8
-    """Per-response peak-entropy quantile for restrict="siren" (SIREN default)."""
+    """Per-response peak-entropy quantile for restrict="siren" / "peak" (SIREN default)."""
+    protect: str = "none"
+    """"none": every wrong-way token may be damped; "low_prob": never damp a token whose sampled action is below
+    the entropy-neutral probability (pi_a (log pi_a + H) < sum_k pi_k^2 (log pi_k + H): reinforcing it would raise
+    the entropy). Only the high-probability quadrants give way then: confident correct tokens (A > 0, which
+    sharpen) when entropy is too low, confident wrong ones (A < 0, which flatten) when it is too high; a rare
+    correct answer is always learned and a rare mistake always pushed down at full strength."""
     damp_first: str = "none"
     """Which wrong-way tokens give way first: "none" (all alike, one weight), "negative" (negative-advantage
     tokens first, then the rest only if needed) or "positive" (positive-advantage tokens first)."""
@@ -85,6 +97,7 @@ class ThermostatConfig(PGConfig):
         check_float("ki", self.ki, lo=0.0)
         check_float("i_max", self.i_max, lo=0.0)
         check_float("weight_min", self.weight_min, lo=0.0, hi=1.0)
+        check_float("weight_max", self.weight_max, lo=1.0)
         if self.target is not None:
             check_float("target", self.target, lo=0.0, lo_open=True)
         if self.target_end is not None:
@@ -93,12 +106,13 @@ class ThermostatConfig(PGConfig):
         check_float("target_scale", self.target_scale, lo=0.0, lo_open=True)
         if self.target_end_scale is not None:
             check_float("target_end_scale", self.target_end_scale, lo=0.0, lo_open=True)
-        check_choice("restrict", self.restrict, ("none", "siren"))
+        check_choice("restrict", self.restrict, ("none", "siren", "peak"))
         if not isinstance(self.renormalize, bool):
             raise ValueError(f"renormalize must be a bool, got {self.renormalize!r}")
         check_float("top_p", self.top_p, lo=0.0, hi=1.0, lo_open=True)
         check_float("quantile", self.quantile, lo=0.0, hi=1.0)
         check_choice("damp_first", self.damp_first, ("none", "negative", "positive"))
+        check_choice("protect", self.protect, ("none", "low_prob"))
 
 
 @torch.no_grad()
@@ -116,7 +130,8 @@ def predicted_change(logits: torch.Tensor, log_prob: torch.Tensor, coef: torch.T
 
 
 def damping_weight(d: torch.Tensor, eligible: torch.Tensor, u: float, weight_min: float,
-                   first: torch.Tensor | None = None) -> tuple[torch.Tensor, tuple[float, ...]]:
+                   first: torch.Tensor | None = None,
+                   dampable: torch.Tensor | None = None) -> tuple[torch.Tensor, tuple[float, ...]]:
     """Closed-form weights [B, T]: wrong-way eligible tokens get a damping weight, all others 1.
 
     d [B, T] predicted changes, eligible bool [B, T], u the controller output (share of S = mean |d| over the
@@ -124,7 +139,8 @@ def damping_weight(d: torch.Tensor, eligible: torch.Tensor, u: float, weight_min
     Without ``first`` every wrong-way token gets one weight lambda = clip(1 - C / W, weight_min, 1), W = |sum of
     their d| / N. With ``first`` (bool [B, T]) the wrong-way tokens in ``first`` are damped first (down to
     weight_min); only the part of C they cannot cancel is taken from the others, again with one closed-form
-    weight. Returns (weights, lambdas): one lambda per group (1.0 for a group left alone).
+    weight. ``dampable`` (bool [B, T]) shrinks the wrong-way set to those tokens (S still counts every eligible
+    token). Returns (weights, lambdas): one lambda per group (1.0 for a group left alone).
     """
     ones = torch.ones_like(d)
     n_groups = 1 if first is None else 2
@@ -132,6 +148,8 @@ def damping_weight(d: torch.Tensor, eligible: torch.Tensor, u: float, weight_min
         return ones, (1.0,) * n_groups
     n = eligible.sum().clamp(min=1)
     wrong = eligible & ((d < 0) if u > 0 else (d > 0))
+    if dampable is not None:
+        wrong = wrong & dampable
     need = abs(u) * float(torch.where(eligible, d.abs(), torch.zeros_like(d)).sum() / n)
     groups = [wrong] if first is None else [wrong & first, wrong & ~first]
     w, lams = ones, []
@@ -149,6 +167,29 @@ def damping_weight(d: torch.Tensor, eligible: torch.Tensor, u: float, weight_min
         w = torch.where(g, torch.full_like(d, lam), w)
         lams.append(lam)
     return w, tuple(lams)
+
+
+def boost_weight(d: torch.Tensor, eligible: torch.Tensor, u: float, weight_max: float) -> tuple[float, float]:
+    """Closed-form boost of the right-way tokens: (mu, u_rest).
+
+    The right-way set (eligible tokens with d > 0 when u > 0, d < 0 when u < 0) gets one weight
+    mu = clip(1 + |u| S / R, 1, weight_max), R = |sum of their d| / N and S = mean |d| over the eligible tokens, so
+    that the weighted predicted batch change moves by up to u S. ``u_rest`` is the signed share of S the boost could
+    not cover (0 when it covered everything), to be cancelled by :func:`damping_weight`.
+    """
+    if u == 0.0 or weight_max <= 1.0 or not bool(eligible.any()):
+        return 1.0, u
+    zero = torch.zeros_like(d)
+    n = eligible.sum().clamp(min=1)
+    s = float(torch.where(eligible, d.abs(), zero).sum() / n)
+    right = eligible & ((d > 0) if u > 0 else (d < 0))
+    size = float(torch.where(right, d, zero).sum().abs() / n)
+    need = abs(u) * s
+    if size <= 0.0 or need <= 0.0:
+        return 1.0, u
+    mu = min(1.0 + need / size, weight_max)
+    rest = max(need - (mu - 1.0) * size, 0.0)
+    return mu, (rest / s if s > 0 else 0.0) * (1.0 if u > 0 else -1.0)
 
 
 @register_method
@@ -181,17 +222,24 @@ class Thermostat(Method):
         d = predicted_change(batch.logits, batch.clean(batch.log_prob), coef, mask)
         h_tok = batch.current_entropy(self.name).detach()
         eligible = mask
-        if c.restrict == "siren":
+        if c.restrict != "none":
             from rlvr_entropy.methods.siren import peak_entropy_mask
 
-            hp = stats.top_p_entropy(batch.logits.detach(), p=c.top_p, mask=mask)
-            eligible = peak_entropy_mask(hp, mask, quantile=c.quantile)
+            sel = h_tok if c.restrict == "peak" else stats.top_p_entropy(batch.logits.detach(), p=c.top_p, mask=mask)
+            eligible = peak_entropy_mask(sel, mask, quantile=c.quantile)
         # the controlled quantity: token-mean entropy over the eligible positions (all valid tokens by default)
         h_now = masked_mean(h_tok, eligible)
         if new_step and bool(eligible.any()):
             self.pi.update(float(h_now))
         first = None if c.damp_first == "none" else (adv < 0 if c.damp_first == "negative" else adv > 0)
-        w, lams = damping_weight(d, eligible, self.pi.u, c.weight_min, first)
+        u = self.pi.u
+        mu, u_rest = boost_weight(d, eligible, u, c.weight_max)
+        # high-probability quadrants: d and the update coefficient have opposite signs (steer.md's quadrants)
+        dampable = None if c.protect == "none" else (d * coef.to(d.dtype) < 0)
+        w, lams = damping_weight(d, eligible, u_rest, c.weight_min, first, dampable)
+        if mu != 1.0:  # the right-way set is disjoint from the damped (wrong-way) one
+            right = eligible & ((d > 0) if u > 0 else (d < 0))
+            w = torch.where(right, torch.full_like(w, mu), w)
         if c.renormalize and bool(mask.any()):
             w = w / masked_mean(w, mask).clamp(min=1e-8)
         loss = self.aggregate(w * terms.loss, mask)
@@ -206,10 +254,12 @@ class Thermostat(Method):
                 "u": self.pi.u,
                 "integral": self.pi.integral,
                 "lambda": lams[0],
+                "boost": mu,
                 **({"lambda_rest": lams[1]} if len(lams) > 1 else {}),
                 "predicted_change": masked_mean(d, mask),
                 "predicted_change_weighted": masked_mean(w * d, mask),
                 "damped_frac": masked_mean((w < 1).float(), mask),
+                "boosted_frac": masked_mean((w > 1).float(), mask),
                 "weight_mean": masked_mean(w, mask),
             })
         return loss, metrics

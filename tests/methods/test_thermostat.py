@@ -278,6 +278,35 @@ def test_restrict_to_siren_positions_damps_only_selected():
     assert out.metrics["thermostat/damped_frac"] < full.metrics["thermostat/damped_frac"]
 
 
+def test_restrict_peak_uses_the_full_entropy_peak_and_leaves_the_rest_alone():
+    from rlvr_entropy.methods.siren import peak_entropy_mask
+
+    torch.manual_seed(5)
+    B, T, V = 4, 10, 9
+    logits = torch.randn(B, T, V, dtype=torch.float64) * 1.5
+    tok = torch.randint(V, (B, T))
+    lp0 = torch.log_softmax(logits, -1).gather(-1, tok[..., None]).squeeze(-1)
+    mask = torch.ones(B, T, dtype=torch.bool)
+    mask[1, 7:] = False
+    adv = torch.tensor([1.0, -1.0, 0.5, -0.5], dtype=torch.float64)
+    h = stats.entropy(logits)
+    sel = peak_entropy_mask(h, mask, quantile=0.8)
+
+    def grad(name, **cfg):
+        lp = lp0.clone().requires_grad_(True)
+        b = re.TokenBatch(log_prob=lp, old_log_prob=lp0, advantages=adv, mask=mask, logits=logits)
+        out = re.make_method(name, **cfg).compute_loss(b)
+        out.loss.backward()
+        return lp.grad, out.metrics
+
+    g, met = grad("thermostat", restrict="peak", target=50.0, kp=1.0)
+    g0, _ = grad("thermostat", kp=0.0, ki=0.0)
+    assert met["thermostat/eligible_frac"] == pytest.approx(sel[mask].double().mean().item())
+    assert met["thermostat/entropy"] == pytest.approx(h[sel].mean().item())  # the controlled quantity
+    assert torch.allclose(g[~sel], g0[~sel])  # positions outside the peak keep the policy gradient
+    assert (g[sel] != g0[sel]).any()
+
+
 def _bandit_run(method_name, steps=150, seed=0, **cfg):
     """Tabular softmax over S contexts x V answers, 3 correct answers per context, GRPO groups of G samples."""
     g = torch.Generator().manual_seed(seed)

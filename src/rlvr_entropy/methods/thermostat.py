@@ -15,7 +15,10 @@ entropy, with a closed form that tracks the true first-order change poorly. Ther
    u < 0) with one weight lambda in [weight_min, 1], solved in closed form so that the weighted predicted batch
    change moves by u * S:  lambda = clip(1 - |u| S / |sum_wrong d_t / N|, weight_min, 1). Every other token keeps
    weight 1, so the policy-gradient signal pushing the right way is untouched.
-4. Optionally (``restrict="siren"``) only SIREN's positions (top-p entropy, per-response peak) are eligible for
+   Options: ``weight_max > 1`` first boosts the right-way tokens (one closed-form weight mu <= weight_max) and
+   damps only what the boost cannot cover; ``protect="low_prob"`` lets only the high-probability quadrants give
+   way; ``damp_first`` orders the wrong-way tokens by advantage sign.
+4. Optionally (``restrict="siren"``, or ``"peak"`` on the full entropy) only SIREN's positions (top-p entropy, per-response peak) are eligible for
    damping, and the controlled quantity is the entropy at those positions: the deterministic parts of a response
    (arithmetic, formatting) may sharpen freely while the forking positions keep their entropy.
 

@@ -19,6 +19,7 @@ import thermostat_evidence as ev  # noqa: E402
 
 # name -> (thermostat overrides, what it tests)
 VARIANTS: dict[str, tuple[dict[str, object], str]] = {
+    "off": ({"kp": 0.0, "ki": 0.0}, "controller off (kp = ki = 0): plain GRPO with the same PG settings, the reference"),
     "fixed0.8": ({"target_scale": 0.8, "schedule_steps": "none"}, "target 0.8 x H0 from the first step (no ramp)"),
     "ramp0.8": ({"target_end_scale": 0.8}, "ramp 1.0 -> 0.8 x H0 over 20 steps"),
     "ramp0.8-negfirst": ({"target_end_scale": 0.8, "damp_first": "negative"},
@@ -32,18 +33,32 @@ VARIANTS: dict[str, tuple[dict[str, object], str]] = {
     "ramp0.7-renorm": ({"target_end_scale": 0.7, "renormalize": "true"}, "as ramp0.7, weights rescaled to mean 1"),
     "ramp0.65": ({"target_end_scale": 0.65}, "ramp 1.0 -> 0.65 x H0 over 20 steps"),
     "ramp0.6": ({"target_end_scale": 0.6}, "ramp 1.0 -> 0.6 x H0 over 20 steps"),
+    "ramp0.7-boost2": ({"target_end_scale": 0.7, "weight_max": 2.0},
+                       "as ramp0.7, right-way tokens boosted up to 2 before any damping"),
+    "ramp0.7-protect": ({"target_end_scale": 0.7, "protect": "low_prob"},
+                        "as ramp0.7, low-probability tokens never damped (only the high-probability quadrants)"),
+    "ramp0.8-protect": ({"target_end_scale": 0.8, "protect": "low_prob"},
+                        "as ramp0.8, low-probability tokens never damped"),
+    "peak-hold": ({"restrict": "peak", "target_end_scale": 1.0},
+                  "entropy of each response's top-20% full-entropy positions held at its start; the rest free"),
+    "peak-0.8": ({"restrict": "peak", "target_end_scale": 0.8},
+                 "as peak-hold, that entropy ramped to 0.8 x its start over 20 steps"),
+    "ramp0.8-boost2": ({"target_end_scale": 0.8, "weight_max": 2.0},
+                       "as ramp0.8, right-way tokens boosted up to 2 before any damping"),
 }
 BASE = {"target_scale": 1.0, "schedule_steps": 20}  # explicit, so the variants do not move with the defaults
 
 
-def _cmd(name: str, seed: int, steps: int, out: Path) -> list[str]:
+def _cmd(name: str, seed: int, steps: int, out: Path, dirname: str | None = None) -> list[str]:
     over = {**ev.PG, **BASE, **VARIANTS[name][0]}
     return [sys.executable, "-m", "rlvr_entropy.cli", "run", "--method", "thermostat", "--seed", str(seed),
-            "--steps", str(steps), "--out", str(out / name / f"seed{seed}"), "--no-plots", "--quiet",
+            "--steps", str(steps), "--out", str(out / (dirname or name) / f"seed{seed}"), "--no-plots", "--quiet",
             *[f"train.{k}={v}" for k, v in ev.TRAIN.items()], *[f"{k}={v}" for k, v in over.items()]]
 
 
-def run_all(names: list[str], seeds: list[int], steps: int, out: Path, jobs: int) -> int:
+def run_all(names: list[str], seeds: list[int], steps: int, out: Path, jobs: int,
+            dirnames: dict[str, str] | None = None) -> int:
+    """Run every variant x seed (``jobs`` processes at a time) into out/<dirnames.get(name, name)>/seed<s>."""
     todo = [(n, s) for n in names for s in seeds]
     running: list[subprocess.Popen] = []
     rc = 0
@@ -51,7 +66,7 @@ def run_all(names: list[str], seeds: list[int], steps: int, out: Path, jobs: int
         while todo and len(running) < jobs:
             n, s = todo.pop(0)
             print(f"[{n} seed {s}]", file=sys.stderr)
-            running.append(subprocess.Popen(_cmd(n, s, steps, out)))
+            running.append(subprocess.Popen(_cmd(n, s, steps, out, (dirnames or {}).get(n))))
         p = running.pop(0)
         rc |= p.wait()
     return rc

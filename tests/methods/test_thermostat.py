@@ -12,6 +12,15 @@ from rlvr_entropy.methods.thermostat import boost_weight, damping_weight, predic
 from tests.helpers import batch_from, make_leaves
 
 
+def _grad(logits, lp0, adv, mask, name, **cfg):
+    """d loss / d log_prob and the metrics of one method on a batch at ratio 1 (log_prob = old_log_prob = lp0)."""
+    lp = lp0.clone().requires_grad_(True)
+    b = re.TokenBatch(log_prob=lp, old_log_prob=lp0, advantages=adv, mask=mask, logits=logits)
+    out = re.make_method(name, **cfg).compute_loss(b)
+    out.loss.backward()
+    return lp.grad, out.metrics
+
+
 def test_damping_weight_hand_case():
     # d = [-3, -1, +2, 0]; S = mean|d| = 6/4 = 1.5; wrong (u > 0) = d < 0: sum |d| / 4 = 1.0
     d = torch.tensor([[-3.0, -1.0, 2.0, 0.0]])
@@ -93,21 +102,13 @@ def test_protect_low_prob_never_damps_low_probability_tokens():
     assert low.any() and (~low).any()
 
     for target in (10.0, 0.01):  # entropy far below target (u > 0), then far above (u < 0)
-        grads = {}
-        for protect in ("none", "low_prob"):
-            lp = lp0.clone().requires_grad_(True)
-            b = re.TokenBatch(log_prob=lp, old_log_prob=lp0, advantages=adv, mask=mask, logits=logits)
-            m = re.make_method("thermostat", target=target, kp=0.5, ki=0.0, protect=protect)
-            m.compute_loss(b).loss.backward()
-            grads[protect] = lp.grad
-        g0 = re.make_method("grpo", eps_high=0.28)
-        lp = lp0.clone().requires_grad_(True)
-        g0.compute_loss(re.TokenBatch(log_prob=lp, old_log_prob=lp0, advantages=adv, mask=mask,
-                                      logits=logits)).loss.backward()
+        grads = {p: _grad(logits, lp0, adv, mask, "thermostat", target=target, kp=0.5, ki=0.0, protect=p)[0]
+                 for p in ("none", "low_prob")}
+        g0, _ = _grad(logits, lp0, adv, mask, "grpo", eps_high=0.28)
         # low-probability tokens keep the full policy gradient; without protection some of them are damped
-        assert torch.allclose(grads["low_prob"][low], lp.grad[low])
-        assert not torch.allclose(grads["none"][low], lp.grad[low])
-        assert (grads["low_prob"][~low].abs() < lp.grad[~low].abs() - 1e-12).any()
+        assert torch.allclose(grads["low_prob"][low], g0[low])
+        assert not torch.allclose(grads["none"][low], g0[low])
+        assert (grads["low_prob"][~low].abs() < g0[~low].abs() - 1e-12).any()
     with pytest.raises(ValueError, match="protect"):
         re.make_method("thermostat", protect="rare")
 
@@ -122,11 +123,7 @@ def test_weight_max_boosts_right_way_tokens_in_the_loss():
     mask = torch.ones(B, T, dtype=torch.bool)
 
     def run(**cfg):
-        lp = lp0.clone().requires_grad_(True)
-        b = re.TokenBatch(log_prob=lp, old_log_prob=lp0, advantages=adv, mask=mask, logits=logits)
-        out = re.make_method("thermostat", target=10.0, kp=0.05, ki=0.0, **cfg).compute_loss(b)
-        out.loss.backward()
-        return lp.grad, out.metrics
+        return _grad(logits, lp0, adv, mask, "thermostat", target=10.0, kp=0.05, ki=0.0, **cfg)
 
     g0, m0 = run()
     g, m = run(weight_max=4.0)
@@ -177,11 +174,7 @@ def test_damp_first_negative_protects_positive_tokens():
     mask = torch.ones(B, T, dtype=torch.bool)
 
     def grad(name, **cfg):
-        lp = lp0.clone().requires_grad_(True)
-        b = re.TokenBatch(log_prob=lp, old_log_prob=lp0, advantages=adv, mask=mask, logits=logits)
-        out = re.make_method(name, **cfg).compute_loss(b)
-        out.loss.backward()
-        return lp.grad, out.metrics
+        return _grad(logits, lp0, adv, mask, name, **cfg)
 
     g0, _ = grad("grpo", eps_high=0.28)
     # target far above: u > 0; a small gain so the negative-advantage wrong-way tokens can absorb it all
@@ -293,11 +286,7 @@ def test_restrict_peak_uses_the_full_entropy_peak_and_leaves_the_rest_alone():
     sel = peak_entropy_mask(h, mask, quantile=0.8)
 
     def grad(name, **cfg):
-        lp = lp0.clone().requires_grad_(True)
-        b = re.TokenBatch(log_prob=lp, old_log_prob=lp0, advantages=adv, mask=mask, logits=logits)
-        out = re.make_method(name, **cfg).compute_loss(b)
-        out.loss.backward()
-        return lp.grad, out.metrics
+        return _grad(logits, lp0, adv, mask, name, **cfg)
 
     g, met = grad("thermostat", restrict="peak", target=50.0, kp=1.0)
     g0, _ = grad("thermostat", kp=0.0, ki=0.0)

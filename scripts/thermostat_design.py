@@ -33,6 +33,11 @@ VARIANTS: dict[str, tuple[dict[str, object], str]] = {
     "ramp0.7-renorm": ({"target_end_scale": 0.7, "renormalize": "true"}, "as ramp0.7, weights rescaled to mean 1"),
     "ramp0.65": ({"target_end_scale": 0.65}, "ramp 1.0 -> 0.65 x H0 over 20 steps"),
     "ramp0.6": ({"target_end_scale": 0.6}, "ramp 1.0 -> 0.6 x H0 over 20 steps"),
+    "ramp0.7-floor": ({"target_end_scale": 0.7, "floor": "true"},
+                      "as ramp0.7, one-sided: entropy above the target is left alone"),
+    "ramp0.7-wmin0.5": ({"target_end_scale": 0.7, "weight_min": 0.5},
+                        "as ramp0.7, wrong-way tokens keep at least half their weight"),
+    "ramp0.7-kp1": ({"target_end_scale": 0.7, "kp": 1.0, "ki": 0.1}, "as ramp0.7 with half the PI gains"),
     "ramp0.7-boost2": ({"target_end_scale": 0.7, "weight_max": 2.0},
                        "as ramp0.7, right-way tokens boosted up to 2 before any damping"),
     "ramp0.7-protect": ({"target_end_scale": 0.7, "protect": "low_prob"},
@@ -49,15 +54,17 @@ VARIANTS: dict[str, tuple[dict[str, object], str]] = {
 BASE = {"target_scale": 1.0, "schedule_steps": 20}  # explicit, so the variants do not move with the defaults
 
 
-def _cmd(name: str, seed: int, steps: int, out: Path, dirname: str | None = None) -> list[str]:
+def _cmd(name: str, seed: int, steps: int, out: Path, dirname: str | None = None,
+         task: str | None = None) -> list[str]:
     over = {**ev.PG, **BASE, **VARIANTS[name][0]}
     return [sys.executable, "-m", "rlvr_entropy.cli", "run", "--method", "thermostat", "--seed", str(seed),
+            *(["--task", task] if task else []),
             "--steps", str(steps), "--out", str(out / (dirname or name) / f"seed{seed}"), "--no-plots", "--quiet",
             *[f"train.{k}={v}" for k, v in ev.TRAIN.items()], *[f"{k}={v}" for k, v in over.items()]]
 
 
 def run_all(names: list[str], seeds: list[int], steps: int, out: Path, jobs: int,
-            dirnames: dict[str, str] | None = None) -> int:
+            dirnames: dict[str, str] | None = None, task: str | None = None) -> int:
     """Run every variant x seed (``jobs`` processes at a time) into out/<dirnames.get(name, name)>/seed<s>."""
     todo = [(n, s) for n in names for s in seeds]
     running: list[subprocess.Popen] = []
@@ -66,7 +73,7 @@ def run_all(names: list[str], seeds: list[int], steps: int, out: Path, jobs: int
         while todo and len(running) < jobs:
             n, s = todo.pop(0)
             print(f"[{n} seed {s}]", file=sys.stderr)
-            running.append(subprocess.Popen(_cmd(n, s, steps, out, (dirnames or {}).get(n))))
+            running.append(subprocess.Popen(_cmd(n, s, steps, out, (dirnames or {}).get(n), task)))
         p = running.pop(0)
         rc |= p.wait()
     return rc

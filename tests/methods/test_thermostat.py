@@ -219,6 +219,39 @@ def test_pi_controller_by_hand():
     assert s.target == pytest.approx(1.5)
 
 
+def test_pi_controller_floor_by_hand():
+    pi = EntropyPI(kp=2.0, ki=0.5, target=1.0, floor=True)
+    # above the floor: e = -0.5, u and I clipped at 0 (the two-sided controller would give -1 and I = -0.5)
+    assert pi.update(1.5) == 0.0 and pi.integral == 0.0
+    # below: e = 0.2, I = 0.2, u = 0.4 + 0.1 = 0.5 (no negative integral left over to delay the response)
+    assert pi.update(0.8) == pytest.approx(0.5)
+    two = EntropyPI(kp=2.0, ki=0.5, target=1.0)
+    two.update(1.5)
+    assert two.update(0.8) == pytest.approx(0.4 + 0.5 * (-0.5 + 0.2))
+
+
+def test_floor_leaves_entropy_above_target_alone():
+    torch.manual_seed(4)
+    B, T, V = 4, 6, 7
+    logits = torch.randn(B, T, V, dtype=torch.float64)
+    adv = torch.tensor([1.0, -1.0, 0.5, -0.5], dtype=torch.float64)
+    tok = torch.randint(V, (B, T))
+    lp0 = torch.log_softmax(logits, -1).gather(-1, tok[..., None]).squeeze(-1)
+    mask = torch.ones(B, T, dtype=torch.bool)
+    g0, _ = _grad(logits, lp0, adv, mask, "thermostat", kp=0.0, ki=0.0)
+    # target far below the entropy: the two-sided controller damps entropy-raising tokens, the floor does nothing
+    g2, m2 = _grad(logits, lp0, adv, mask, "thermostat", target=0.01)
+    gf, mf = _grad(logits, lp0, adv, mask, "thermostat", target=0.01, floor=True)
+    assert m2["thermostat/u"] < 0 and m2["thermostat/damped_frac"] > 0 and not torch.allclose(g2, g0)
+    assert mf["thermostat/u"] == 0.0 and torch.equal(gf, g0)
+    # far below the target both act alike
+    gb, _ = _grad(logits, lp0, adv, mask, "thermostat", target=10.0, floor=True)
+    gt, _ = _grad(logits, lp0, adv, mask, "thermostat", target=10.0)
+    assert torch.equal(gb, gt) and not torch.allclose(gb, g0)
+    with pytest.raises(ValueError, match="floor"):
+        re.make_method("thermostat", floor="yes")
+
+
 def test_prediction_equals_stats_exact_form():
     leaves, tokens = make_leaves(seed=11)
     coef = torch.randn(leaves["mask"].shape, dtype=torch.float64)

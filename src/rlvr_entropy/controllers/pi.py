@@ -7,7 +7,8 @@ from typing import Any
 
 
 class EntropyPI:
-    """u = clip(kp * e + ki * I, -u_max, u_max), e = (H* - H) / H*, I <- clip(I + e, -i_max, i_max).
+    """u = clip(kp * e + ki * I, -u_max, u_max), e = (H* - H) / H*, I <- clip(I + e, -i_max, i_max); with
+    ``floor=True`` both lower bounds are 0 (one-sided: only raises entropy toward the target).
 
     ``update(h)`` is called once per optimizer step with the measured entropy. The target H* is the first measured
     value unless given; with ``target_end`` and ``schedule_steps`` it moves linearly from the start value to
@@ -16,8 +17,11 @@ class EntropyPI:
 
     def __init__(self, kp: float, ki: float, u_max: float = 1.0, i_max: float = 10.0, target: float | None = None,
                  target_end: float | None = None, schedule_steps: int | None = None, target_scale: float = 1.0,
-                 target_end_scale: float | None = None) -> None:
+                 target_end_scale: float | None = None, floor: bool = False) -> None:
         self.kp, self.ki, self.u_max, self.i_max = float(kp), float(ki), float(u_max), float(i_max)
+        #: one-sided control: the target is a floor; u and the integral never go below 0 (entropy above the
+        #: target is left alone instead of pushed down)
+        self.floor = bool(floor)
         self.target_start: float | None = None if target is None else float(target)
         self.target_end = target_end
         self.schedule_steps = schedule_steps
@@ -55,8 +59,9 @@ class EntropyPI:
             self.target_start = h
         tgt = self.target
         e = (tgt - h) / max(abs(tgt), 1e-8)
-        self.integral = min(max(self.integral + e, -self.i_max), self.i_max)
-        self.u = min(max(self.kp * e + self.ki * self.integral, -self.u_max), self.u_max)
+        lo_i, lo_u = (0.0, 0.0) if self.floor else (-self.i_max, -self.u_max)
+        self.integral = min(max(self.integral + e, lo_i), self.i_max)
+        self.u = min(max(self.kp * e + self.ki * self.integral, lo_u), self.u_max)
         self.last_error, self.last_entropy = e, h
         self.steps += 1
         return self.u

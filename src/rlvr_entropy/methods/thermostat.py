@@ -74,6 +74,10 @@ class ThermostatConfig(PGConfig):
     """Steps over which the target moves linearly from its start to its end point, then stays; None keeps it at
     the start value (target_scale x H0). A ramp instead of a jump: the controller does not fight the first steps'
     natural entropy drop, and the target never asks for a change the policy cannot follow."""
+    floor: bool = False
+    """One-sided control: the target is a floor. Entropy below it is raised as usual; entropy above it is left alone
+    (u >= 0, integral >= 0) instead of pushed down, so on a task whose entropy does not collapse the method stays
+    plain GRPO."""
     renormalize: bool = False
     """Rescale the weights so their mean over valid tokens is 1 (keeps the step size; then weights can exceed 1)."""
     restrict: str = "none"
@@ -110,6 +114,8 @@ class ThermostatConfig(PGConfig):
         if self.target_end_scale is not None:
             check_float("target_end_scale", self.target_end_scale, lo=0.0, lo_open=True)
         check_choice("restrict", self.restrict, ("none", "siren", "peak"))
+        if not isinstance(self.floor, bool):
+            raise ValueError(f"floor must be a bool, got {self.floor!r}")
         if not isinstance(self.renormalize, bool):
             raise ValueError(f"renormalize must be a bool, got {self.renormalize!r}")
         check_float("top_p", self.top_p, lo=0.0, hi=1.0, lo_open=True)
@@ -207,7 +213,8 @@ class Thermostat(Method):
         c = self.config
         self.pi = EntropyPI(c.kp, c.ki, i_max=c.i_max, target=c.target, target_end=c.target_end,
                             schedule_steps=c.schedule_steps, target_scale=c.target_scale,
-                            target_end_scale=None if c.target_end is not None else c.target_end_scale)
+                            target_end_scale=None if c.target_end is not None else c.target_end_scale,
+                            floor=c.floor)
 
     def controllers(self):
         return {"pi": self.pi}

@@ -21,6 +21,16 @@ def _grad(logits, lp0, adv, mask, name, **cfg):
     return lp.grad, out.metrics
 
 
+def _random_batch(seed, B=4, T=6, V=7):
+    """float64 logits [B, T, V], sampled-token log-probs lp0 [B, T], advantages [B] (+, -, +, -), full mask."""
+    torch.manual_seed(seed)
+    logits = torch.randn(B, T, V, dtype=torch.float64)
+    adv = torch.tensor([1.0, -1.0, 0.5, -0.5], dtype=torch.float64)
+    tok = torch.randint(V, (B, T))
+    lp0 = torch.log_softmax(logits, -1).gather(-1, tok[..., None]).squeeze(-1)
+    return logits, lp0, adv, torch.ones(B, T, dtype=torch.bool)
+
+
 def test_damping_weight_hand_case():
     # d = [-3, -1, +2, 0]; S = mean|d| = 6/4 = 1.5; wrong (u > 0) = d < 0: sum |d| / 4 = 1.0
     d = torch.tensor([[-3.0, -1.0, 2.0, 0.0]])
@@ -114,13 +124,8 @@ def test_protect_low_prob_never_damps_low_probability_tokens():
 
 
 def test_weight_max_boosts_right_way_tokens_in_the_loss():
-    torch.manual_seed(1)
-    B, T, V = 4, 6, 7
-    logits = torch.randn(B, T, V, dtype=torch.float64)
-    adv = torch.tensor([1.0, -1.0, 0.5, -0.5], dtype=torch.float64)
-    tok = torch.randint(V, (B, T))
-    lp0 = torch.log_softmax(logits, -1).gather(-1, tok[..., None]).squeeze(-1)
-    mask = torch.ones(B, T, dtype=torch.bool)
+    logits, lp0, adv, mask = _random_batch(1)
+    B, T = mask.shape
 
     def run(**cfg):
         return _grad(logits, lp0, adv, mask, "thermostat", target=10.0, kp=0.05, ki=0.0, **cfg)
@@ -231,13 +236,8 @@ def test_pi_controller_floor_by_hand():
 
 
 def test_floor_leaves_entropy_above_target_alone():
-    torch.manual_seed(4)
-    B, T, V = 4, 6, 7
-    logits = torch.randn(B, T, V, dtype=torch.float64)
-    adv = torch.tensor([1.0, -1.0, 0.5, -0.5], dtype=torch.float64)
-    tok = torch.randint(V, (B, T))
-    lp0 = torch.log_softmax(logits, -1).gather(-1, tok[..., None]).squeeze(-1)
-    mask = torch.ones(B, T, dtype=torch.bool)
+    logits, lp0, adv, mask = _random_batch(4)
+    B, T = mask.shape
     g0, _ = _grad(logits, lp0, adv, mask, "thermostat", kp=0.0, ki=0.0)
     # target far below the entropy: the two-sided controller damps entropy-raising tokens, the floor does nothing
     g2, m2 = _grad(logits, lp0, adv, mask, "thermostat", target=0.01)

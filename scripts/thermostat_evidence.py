@@ -42,11 +42,19 @@ TRAIN = {"eval_samples": 32, "eval_k": 8, "eval_every": 50}
 STRESS_METHODS = ["grpo", "siren", "thermostat"]
 STRESS_OVERRIDES = {"siren": {"beta": 0.5, "use_anchor": "false"}}  # a strong selective bonus
 TRANSFER_METHODS = ["grpo", "siren", "steer", "thermostat"]
-# the thermostat's end-of-ramp target is its pass@1 / pass@k dial: one more setting, shown next to the default
-# (chosen on the design seeds, scripts/thermostat_design.py); the goal check judges the default only
+# thermostat settings shown next to the default (row name -> scripts/thermostat_design.py variant): the ramp's end
+# is its pass@1 / pass@k dial, floor the one-sided controller; the goal check judges the default only
 THERMOSTAT_VARIANTS = {"thermostat-end0.8": "ramp0.8", "thermostat-floor": "ramp0.7-floor"}
 # the one-sided variant also on the transfer task, where entropy does not collapse within the budget
 TRANSFER_VARIANTS = {"thermostat-floor": "ramp0.7-floor"}
+
+
+def _run_variants(variants: dict[str, str], seeds, steps, out: Path, jobs, task=None) -> int:
+    """Run design variants (row name -> variant) with this protocol into out/<row name>/seed<s>."""
+    import thermostat_design
+
+    return thermostat_design.run_all(list(variants.values()), seeds, steps, out, jobs,
+                                     dirnames={v: k for k, v in variants.items()}, task=task)
 
 
 def _argv(methods, seeds, steps, out, jobs, train_extra=None, per_method=None, task=None):
@@ -194,10 +202,7 @@ def main(argv=None) -> int:
         rc = cli.main(_argv(a.methods.split(","), seeds, a.steps, out / "main", a.jobs))
         if rc:
             return rc
-        import thermostat_design
-
-        rc = thermostat_design.run_all(list(THERMOSTAT_VARIANTS.values()), seeds, a.steps, out / "main", a.jobs,
-                                       dirnames={v: k for k, v in THERMOSTAT_VARIANTS.items()})
+        rc = _run_variants(THERMOSTAT_VARIANTS, seeds, a.steps, out / "main", a.jobs)
         if rc:
             return rc
         if not a.skip_stress:
@@ -209,9 +214,7 @@ def main(argv=None) -> int:
             rc = cli.main(_argv(TRANSFER_METHODS, seeds[:2], a.steps, out / "transfer", a.jobs, task=a.transfer_task))
             if rc:
                 return rc
-            rc = thermostat_design.run_all(list(TRANSFER_VARIANTS.values()), seeds[:2], a.steps, out / "transfer",
-                                           a.jobs, dirnames={v: k for k, v in TRANSFER_VARIANTS.items()},
-                                           task=a.transfer_task)
+            rc = _run_variants(TRANSFER_VARIANTS, seeds[:2], a.steps, out / "transfer", a.jobs, task=a.transfer_task)
             if rc:
                 return rc
     main_table, main_stats = table(out / "main")

@@ -18,9 +18,10 @@ entropy, with a closed form that tracks the true first-order change poorly. Ther
    Options: ``weight_max > 1`` first boosts the right-way tokens (one closed-form weight mu <= weight_max) and
    damps only what the boost cannot cover; ``protect="low_prob"`` lets only the high-probability quadrants give
    way; ``damp_first`` orders the wrong-way tokens by advantage sign.
-4. Optionally (``restrict="siren"``, or ``"peak"`` on the full entropy) only SIREN's positions (top-p entropy, per-response peak) are eligible for
-   damping, and the controlled quantity is the entropy at those positions: the deterministic parts of a response
-   (arithmetic, formatting) may sharpen freely while the forking positions keep their entropy.
+4. Optionally (``restrict="siren"``) only SIREN's positions (top-p entropy, per-response peak), or (``"peak"``) the
+   per-response peak of the full entropy, are eligible for damping, and the controlled quantity is the entropy at
+   those positions: the deterministic parts of a response (arithmetic, formatting) may sharpen freely while the
+   forking positions keep their entropy.
 
 Design notes (why this form): a uniform weight on the wrong-way set is the minimum-change solution that keeps the
 relative ranking of tokens inside the set, has one closed-form parameter per batch, and reduces to GRPO exactly
@@ -138,6 +139,16 @@ def predicted_change(logits: torch.Tensor, log_prob: torch.Tensor, coef: torch.T
     return torch.where(mask, d, torch.zeros_like(d))
 
 
+def _sides(d: torch.Tensor, eligible: torch.Tensor, u: float) -> tuple[torch.Tensor, float, torch.Tensor, torch.Tensor]:
+    """(n, S, toward, against) for predicted changes d [B, T] and controller output u != 0: the eligible count
+    (at least 1), S = mean |d| over the eligible tokens, and the eligible tokens pushing entropy toward the target
+    (d > 0 when u > 0, d < 0 when u < 0) and against it."""
+    n = eligible.sum().clamp(min=1)
+    s = float(torch.where(eligible, d.abs(), torch.zeros_like(d)).sum() / n)
+    up, down = eligible & (d > 0), eligible & (d < 0)
+    return (n, s, up, down) if u > 0 else (n, s, down, up)
+
+
 def damping_weight(d: torch.Tensor, eligible: torch.Tensor, u: float, weight_min: float,
                    first: torch.Tensor | None = None,
                    dampable: torch.Tensor | None = None) -> tuple[torch.Tensor, tuple[float, ...]]:
@@ -155,11 +166,10 @@ def damping_weight(d: torch.Tensor, eligible: torch.Tensor, u: float, weight_min
     n_groups = 1 if first is None else 2
     if u == 0.0 or not bool(eligible.any()):
         return ones, (1.0,) * n_groups
-    n = eligible.sum().clamp(min=1)
-    wrong = eligible & ((d < 0) if u > 0 else (d > 0))
+    n, s, _, wrong = _sides(d, eligible, u)
     if dampable is not None:
         wrong = wrong & dampable
-    need = abs(u) * float(torch.where(eligible, d.abs(), torch.zeros_like(d)).sum() / n)
+    need = abs(u) * s
     groups = [wrong] if first is None else [wrong & first, wrong & ~first]
     w, lams = ones, []
     for g in groups:
@@ -188,11 +198,8 @@ def boost_weight(d: torch.Tensor, eligible: torch.Tensor, u: float, weight_max: 
     """
     if u == 0.0 or weight_max <= 1.0 or not bool(eligible.any()):
         return 1.0, u
-    zero = torch.zeros_like(d)
-    n = eligible.sum().clamp(min=1)
-    s = float(torch.where(eligible, d.abs(), zero).sum() / n)
-    right = eligible & ((d > 0) if u > 0 else (d < 0))
-    size = float(torch.where(right, d, zero).sum().abs() / n)
+    n, s, right, _ = _sides(d, eligible, u)
+    size = float(torch.where(right, d, torch.zeros_like(d)).sum().abs() / n)
     need = abs(u) * s
     if size <= 0.0 or need <= 0.0:
         return 1.0, u
@@ -248,8 +255,7 @@ class Thermostat(Method):
         dampable = None if c.protect == "none" else (d * coef.to(d.dtype) < 0)
         w, lams = damping_weight(d, eligible, u_rest, c.weight_min, first, dampable)
         if mu != 1.0:  # the right-way set is disjoint from the damped (wrong-way) one
-            right = eligible & ((d > 0) if u > 0 else (d < 0))
-            w = torch.where(right, torch.full_like(w, mu), w)
+            w = torch.where(_sides(d, eligible, u)[2], torch.full_like(w, mu), w)
         if c.renormalize and bool(mask.any()):
             w = w / masked_mean(w, mask).clamp(min=1e-8)
         loss = self.aggregate(w * terms.loss, mask)

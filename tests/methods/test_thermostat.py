@@ -8,7 +8,7 @@ import torch
 import rlvr_entropy as re
 from rlvr_entropy import stats
 from rlvr_entropy.controllers.pi import EntropyPI
-from rlvr_entropy.methods.thermostat import boost_weight, damping_weight, predicted_change
+from rlvr_entropy.methods.thermostat import boost_weight, damping_weight, predicted_change, proportional_cut
 from tests.helpers import batch_from, make_leaves
 
 
@@ -19,6 +19,10 @@ def _grad(logits, lp0, adv, mask, name, **cfg):
     out = re.make_method(name, **cfg).compute_loss(b)
     out.loss.backward()
     return lp.grad, out.metrics
+
+
+# the first default's rule (two-sided, one weight for the whole wrong-way set), for the tests of options built on it
+TWO_SIDED_UNIFORM = {"floor": False, "allocation": "uniform"}
 
 
 def _random_batch(seed, B=4, T=6, V=7):
@@ -112,8 +116,8 @@ def test_protect_low_prob_never_damps_low_probability_tokens():
     assert low.any() and (~low).any()
 
     for target in (10.0, 0.01):  # entropy far below target (u > 0), then far above (u < 0)
-        grads = {p: _grad(logits, lp0, adv, mask, "thermostat", target=target, kp=0.5, ki=0.0, protect=p)[0]
-                 for p in ("none", "low_prob")}
+        grads = {p: _grad(logits, lp0, adv, mask, "thermostat", target=target, kp=0.5, ki=0.0, protect=p,
+                          **TWO_SIDED_UNIFORM)[0] for p in ("none", "low_prob")}
         g0, _ = _grad(logits, lp0, adv, mask, "grpo", eps_high=0.28)
         # low-probability tokens keep the full policy gradient; without protection some of them are damped
         assert torch.allclose(grads["low_prob"][low], g0[low])
@@ -128,7 +132,7 @@ def test_weight_max_boosts_right_way_tokens_in_the_loss():
     B, T = mask.shape
 
     def run(**cfg):
-        return _grad(logits, lp0, adv, mask, "thermostat", target=10.0, kp=0.05, ki=0.0, **cfg)
+        return _grad(logits, lp0, adv, mask, "thermostat", target=10.0, kp=0.05, ki=0.0, allocation="uniform", **cfg)
 
     g0, m0 = run()
     g, m = run(weight_max=4.0)
@@ -197,6 +201,90 @@ def test_damp_first_negative_protects_positive_tokens():
         re.make_method("thermostat", damp_first="sideways")
 
 
+def test_damping_weight_efficient_allocation_by_hand():
+    # d = [-3, -1, +2, 0] with coefficients 1: efficiency e = |d| = [3, 1, 2, 0]; S = 1.5, N = 4.
+    d = torch.tensor([[-3.0, -1.0, 2.0, 0.0]], dtype=torch.float64)
+    el = torch.ones_like(d, dtype=torch.bool)
+    eff = d.abs()
+    # u = 0.4 -> C = 0.6 from the wrong-way set {0, 1} (amounts |d| / 4 = [0.75, 0.25]): cuts c * e with
+    # c (3 * 0.75 + 1 * 0.25) = 0.6 -> c = 0.24, cuts [0.72, 0.24], weights [0.28, 0.76]
+    w, (lam,) = damping_weight(d, el, u=0.4, weight_min=0.0, efficiency=eff)
+    assert torch.allclose(w, torch.tensor([[0.28, 0.76, 1.0, 1.0]], dtype=torch.float64))
+    assert lam == pytest.approx(0.52)  # mean weight of the group
+    assert (w * d).mean().item() == pytest.approx(d.mean().item() + 0.6)
+    # u = 0.6 -> C = 0.9: token 0 saturates (cut 1 cancels 0.75), token 1 gives 0.15 / 0.25 = 0.6
+    w, _ = damping_weight(d, el, u=0.6, weight_min=0.0, efficiency=eff)
+    assert torch.allclose(w, torch.tensor([[0.0, 0.4, 1.0, 1.0]], dtype=torch.float64))
+    # weight_min = 0.5 caps every cut at 0.5: 0.5 x 1.0 = 0.5 < 0.6, so all wrong-way tokens sit at 0.5
+    w, _ = damping_weight(d, el, u=0.4, weight_min=0.5, efficiency=eff)
+    assert torch.allclose(w, torch.tensor([[0.5, 0.5, 1.0, 1.0]], dtype=torch.float64))
+    # equal efficiencies reduce to the uniform lambda
+    w_eq, _ = damping_weight(d, el, u=0.4, weight_min=0.0, efficiency=torch.ones_like(d))
+    w_un, _ = damping_weight(d, el, u=0.4, weight_min=0.0)
+    assert torch.allclose(w_eq, w_un)
+    # u < 0: the wrong-way set is {2}: C = 0.2 * 1.5 = 0.3 from amount 0.5 -> weight 0.4
+    w, _ = damping_weight(d, el, u=-0.2, weight_min=0.0, efficiency=eff)
+    assert torch.allclose(w, torch.tensor([[1.0, 1.0, 0.4, 1.0]], dtype=torch.float64))
+
+
+def test_proportional_cut_matches_bisection_and_minimizes_the_weighted_square():
+    gen = torch.Generator().manual_seed(0)
+    for trial in range(100):
+        m = int(torch.randint(1, 25, (), generator=gen))
+        coef = torch.rand(m, generator=gen, dtype=torch.float64) + 0.1
+        eff = torch.rand(m, generator=gen, dtype=torch.float64) * (torch.rand(m, generator=gen) > 0.2)
+        amount = coef * eff  # |d_t| = |coef_t| e_t
+        cap = float(torch.rand((), generator=gen)) * 0.9 + 0.1
+        need = float(torch.rand((), generator=gen)) * cap * float(amount.sum()) * 1.2
+        x = proportional_cut(amount, eff, need, cap)
+        assert bool((x >= 0).all()) and bool((x <= cap + 1e-12).all())
+        assert float((x * amount).sum()) == pytest.approx(min(need, cap * float(amount.sum())), abs=1e-10)
+        if need >= cap * float(amount.sum()):
+            continue
+        lo, hi = 0.0, 1e6  # reference: bisection on c
+        for _ in range(200):
+            mid = (lo + hi) / 2
+            lo, hi = (mid, hi) if float((torch.clamp(mid * eff, max=cap) * amount).sum()) < need else (lo, mid)
+        live = amount > 0
+        torch.testing.assert_close(x[live], torch.clamp(hi * eff, max=cap)[live], rtol=0, atol=1e-8)
+        # no other feasible cut with the same cancellation has a smaller sum |coef| x^2 (the uniform one included)
+        uni = torch.full_like(x, need / float(amount.sum()))
+        if float(uni.max()) <= cap:
+            assert float((coef * x ** 2).sum()) <= float((coef * uni ** 2).sum()) + 1e-12
+    assert torch.equal(proportional_cut(torch.ones(3), torch.ones(3), 0.0, 1.0), torch.zeros(3))
+
+
+def test_efficient_allocation_in_the_loss_spares_near_deterministic_tokens():
+    logits, lp0, adv, mask = _random_batch(3)
+    B, T = mask.shape
+    logits = logits.clone()
+    logits[:, :2] *= 8.0  # the first two positions near-deterministic: tiny entropy change per unit coefficient
+    lp0 = torch.log_softmax(logits, -1).gather(-1, logits.argmax(-1, keepdim=True)).squeeze(-1)
+
+    def run(**cfg):
+        return _grad(logits, lp0, adv, mask, "thermostat", target=10.0, kp=0.05, ki=0.0, **cfg)
+
+    g0, _ = _grad(logits, lp0, adv, mask, "grpo", eps_high=0.28)
+    g_un, m_un = run(allocation="uniform")
+    g_ef, m_ef = run(allocation="efficient")
+    # both cancel the same predicted amount
+    assert m_ef["thermostat/predicted_change_weighted"] == pytest.approx(m_un["thermostat/predicted_change_weighted"])
+    w_un, w_ef = g_un / g0, g_ef / g0
+    d = predicted_change(logits, lp0, adv[:, None].expand(B, T), mask)
+    wrong = d < 0
+    det = torch.zeros_like(mask)
+    det[:, :2] = True
+    assert bool((wrong & det).any()) and bool((wrong & ~det).any())
+    # near-deterministic wrong-way tokens keep (almost) their full gradient under "efficient", not under "uniform"
+    assert bool((w_ef[wrong & det] > w_un[wrong & det]).all())
+    assert bool((w_ef[~wrong] == 1).all()) and bool((w_ef <= 1 + 1e-12).all())
+    # the weighted square of the cuts is smaller than the uniform one's
+    cf = adv[:, None].expand(B, T).abs()
+    assert float((cf * (1 - w_ef) ** 2).sum()) < float((cf * (1 - w_un) ** 2).sum())
+    with pytest.raises(ValueError, match="allocation"):
+        re.make_method("thermostat", allocation="greedy")
+
+
 def test_pi_controller_by_hand():
     pi = EntropyPI(kp=2.0, ki=0.5, u_max=1.0, i_max=10.0)
     assert pi.target is None
@@ -240,13 +328,13 @@ def test_floor_leaves_entropy_above_target_alone():
     B, T = mask.shape
     g0, _ = _grad(logits, lp0, adv, mask, "thermostat", kp=0.0, ki=0.0)
     # target far below the entropy: the two-sided controller damps entropy-raising tokens, the floor does nothing
-    g2, m2 = _grad(logits, lp0, adv, mask, "thermostat", target=0.01)
+    g2, m2 = _grad(logits, lp0, adv, mask, "thermostat", target=0.01, floor=False)
     gf, mf = _grad(logits, lp0, adv, mask, "thermostat", target=0.01, floor=True)
     assert m2["thermostat/u"] < 0 and m2["thermostat/damped_frac"] > 0 and not torch.allclose(g2, g0)
     assert mf["thermostat/u"] == 0.0 and torch.equal(gf, g0)
     # far below the target both act alike
     gb, _ = _grad(logits, lp0, adv, mask, "thermostat", target=10.0, floor=True)
-    gt, _ = _grad(logits, lp0, adv, mask, "thermostat", target=10.0)
+    gt, _ = _grad(logits, lp0, adv, mask, "thermostat", target=10.0, floor=False)
     assert torch.equal(gb, gt) and not torch.allclose(gb, g0)
     with pytest.raises(ValueError, match="floor"):
         re.make_method("thermostat", floor="yes")
@@ -275,18 +363,20 @@ def test_config_validation():
         re.make_method("thermostat", target_scale=0.0)
 
 
-def test_default_target_ramps_from_first_measurement_to_0_7():
+def test_default_target_ramps_from_first_measurement_to_0_7_over_40_steps():
     leaves, _ = make_leaves(seed=13, B=3, T=6, V=9)
     m = re.make_method("thermostat")
-    targets = [m.compute_loss(batch_from(leaves), step=k).metrics["thermostat/target"] for k in range(25)]
+    targets = [m.compute_loss(batch_from(leaves), step=k).metrics["thermostat/target"] for k in range(45)]
     h0 = m.pi.target_start
-    # the target is read after the update of its step: step k has moved k + 1 of the 20 ramp steps
-    assert targets[0] == pytest.approx(h0 * (1 - 0.3 / 20))
-    assert targets[9] == pytest.approx(h0 * (1 - 0.3 * 10 / 20))
-    assert targets[19:] == pytest.approx([0.7 * h0] * 6)
+    # the target is read after the update of its step: step k has moved k + 1 of the 40 ramp steps
+    assert targets[0] == pytest.approx(h0 * (1 - 0.3 / 40))
+    assert targets[19] == pytest.approx(h0 * (1 - 0.3 * 20 / 40))
+    assert targets[39:] == pytest.approx([0.7 * h0] * 6)
+    c = m.config
+    assert c.floor is True and c.allocation == "efficient" and c.schedule_steps == 40
     # target_end (absolute) takes precedence over the relative end; schedule_steps=None keeps the start value
     m = re.make_method("thermostat", target=2.0, target_end=1.0)
-    for k in range(20):
+    for k in range(40):
         m.compute_loss(batch_from(leaves), step=k)
     assert m.pi.target == pytest.approx(1.0)
     m = re.make_method("thermostat", target=2.0, schedule_steps=None)

@@ -47,8 +47,21 @@ VARIANTS: dict[str, tuple[dict[str, object], str]] = {
                  "as peak-hold, that entropy ramped to 0.8 x its start over 20 steps"),
     "ramp0.8-boost2": ({"target_end_scale": 0.8, "weight_max": 2.0},
                        "as ramp0.8, right-way tokens boosted up to 2 before any damping"),
+    "ramp0.65-floor": ({"target_end_scale": 0.65, "floor": "true"},
+                       "as ramp0.65, one-sided: entropy above the target is left alone"),
+    "ramp0.7-40-floor": ({"target_end_scale": 0.7, "schedule_steps": 40, "floor": "true"},
+                         "as ramp0.7-40, one-sided"),
+    "ramp0.65-40-floor": ({"target_end_scale": 0.65, "schedule_steps": 40, "floor": "true"},
+                          "ramp 1.0 -> 0.65 x H0 over 40 steps, one-sided"),
+    "ramp0.7-eff": ({"target_end_scale": 0.7, "allocation": "efficient"},
+                    "as ramp0.7, efficient allocation (cuts proportional to entropy change per unit coefficient)"),
+    "ramp0.65-floor-eff": ({"target_end_scale": 0.65, "floor": "true", "allocation": "efficient"},
+                           "as ramp0.65-floor, efficient allocation"),
+    "ramp0.7-40-floor-eff": ({"target_end_scale": 0.7, "schedule_steps": 40, "floor": "true",
+                              "allocation": "efficient"}, "as ramp0.7-40-floor, efficient allocation"),
 }
-BASE = {"target_scale": 1.0, "schedule_steps": 20}  # explicit, so the variants do not move with the defaults
+# explicit (the first default's settings), so the variants do not move with the defaults
+BASE = {"target_scale": 1.0, "schedule_steps": 20, "floor": "false", "allocation": "uniform"}
 
 
 def _cmd(name: str, seed: int, steps: int, out: Path, dirname: str | None = None,

@@ -2,7 +2,8 @@
 the runs, a table (docs/results.md, generated) and entropy-curve plots. Every number in docs/results.md comes from
 this script's runs.
 
-    python scripts/thermostat_evidence.py [--seeds 0,1,2] [--steps 120] [--out runs/evidence] [--jobs 2]
+    python scripts/thermostat_evidence.py [--seeds 20,21,22] [--extra-seeds 23,24,25,26,27] [--steps 100]
+                                          [--out runs/evidence] [--jobs 2]
     python scripts/thermostat_evidence.py --only-report      # rebuild docs/results.md from existing runs
 
 Protocol (same for every method): countdown3, the shared warm start, 32 prompts x 8 samples per step, 2 minibatches,
@@ -39,14 +40,16 @@ METHOD_OVERRIDES: dict[str, dict[str, object]] = {
     "siren": {"norm_length": "none"},
 }
 TRAIN = {"eval_samples": 32, "eval_k": 8, "eval_every": 50}
+# the goal check's three methods also run on --extra-seeds: more seeds where the comparison is judged
+CONTENDERS = ["siren", "steer", "thermostat"]
 STRESS_METHODS = ["grpo", "siren", "thermostat"]
 STRESS_OVERRIDES = {"siren": {"beta": 0.5, "use_anchor": "false"}}  # a strong selective bonus
 TRANSFER_METHODS = ["grpo", "siren", "steer", "thermostat"]
 # thermostat settings shown next to the default (row name -> scripts/thermostat_design.py variant): the ramp's end
 # is its pass@1 / pass@k dial, floor the one-sided controller; the goal check judges the default only
-THERMOSTAT_VARIANTS = {"thermostat-end0.8": "ramp0.8", "thermostat-floor": "ramp0.7-floor"}
-# the one-sided variant also on the transfer task, where entropy does not collapse within the budget
-TRANSFER_VARIANTS = {"thermostat-floor": "ramp0.7-floor"}
+THERMOSTAT_VARIANTS = {"thermostat-v1": "ramp0.7"}
+# rows run on the transfer task as well (none: the default is already one-sided there)
+TRANSFER_VARIANTS: dict[str, str] = {}
 
 
 def _run_variants(variants: dict[str, str], seeds, steps, out: Path, jobs, task=None) -> int:
@@ -100,16 +103,18 @@ def _per_run(rows, window: int = 10):
     targets = [next((v for k, v in r.items() if k.endswith("/target") and v == v), first) for r in steps]
     track = statistics.fmean(abs(h - t) / t for h, t in zip(hs, targets)) if hs else float("nan")
     rel = [(h - t) / t for h, t in zip(hs, targets)]  # signed relative error per step
-    worst = max(abs(statistics.fmean(rel[max(0, i - window + 1):i + 1])) for i in range(len(rel))) if rel \
-        else float("nan")
+    avg = [statistics.fmean(rel[max(0, i - window + 1):i + 1]) for i in range(len(rel))]
+    worst = max(abs(x) for x in avg) if avg else float("nan")
+    short = max(max(-x, 0.0) for x in avg) if avg else float("nan")  # below the target only (a floor's error)
     return {"pass@1": last["eval/pass@1"], "pass@8": last.get("eval/pass@8"), "pass@32": last.get("eval/pass@32"),
             "maj@8": last.get("eval/maj@k"), "distinct": last.get("eval/distinct_correct"),
-            "entropy_end": last["eval/entropy"], "entropy_start": h0, "track_err": track, "max_dev": worst}
+            "entropy_end": last["eval/entropy"], "entropy_start": h0, "track_err": track, "max_dev": worst,
+            "max_short": short}
 
 
 COLS = [("pass@1", "pass@1"), ("pass@8", "pass@8"), ("pass@32", "pass@32"), ("maj@8", "maj@8"),
         ("distinct", "distinct correct"), ("entropy_end", "H end"), ("track_err", "mean abs(H-H*)/H*"),
-        ("max_dev", "max abs(10-step avg of (H-H*)/H*)")]
+        ("max_dev", "max abs(10-step avg of (H-H*)/H*)"), ("max_short", "max 10-step avg shortfall below H*")]
 
 
 def table(root: Path) -> tuple[str, dict]:
@@ -175,17 +180,28 @@ def goal_check(stats: dict) -> list[str]:
             hi_s = s[k][0] + s[k][1]
             out.append(f"- {k}: thermostat {t[k][0]:.3f} ± {t[k][1]:.3f} vs {seed_m} {s[k][0]:.3f} ± {s[k][1]:.3f}: "
                        f"{'above, standard errors do not overlap' if lo_t > hi_s else 'NOT separated'}")
-        out.append(f"- pass@1: thermostat {t['pass@1'][0]:.3f} vs {seed_m} {s['pass@1'][0]:.3f}: "
-                   f"{'no worse' if t['pass@1'][0] >= s['pass@1'][0] else 'WORSE'}")
+        (tm, tse), (sm, sse) = t["pass@1"], s["pass@1"]
+        if tm >= sm:
+            verdict = "no worse (mean at or above)"
+        elif tm + tse >= sm - sse:
+            verdict = "no worse within standard errors (mean lower, standard errors overlap)"
+        else:
+            verdict = "WORSE (standard errors do not overlap)"
+        out.append(f"- pass@1: thermostat {tm:.3f} ± {tse:.3f} vs {seed_m} {sm:.3f} ± {sse:.3f} "
+                   f"(difference {tm - sm:+.3f}): {verdict}")
     out.append(f"- entropy within 15% of its target for the whole run (worst deviation of the 10-step moving "
-               f"average, mean over seeds): "
+               f"average, either side, mean over seeds): "
                f"{t['max_dev'][0]:.3f} -> {'yes' if t['max_dev'][0] <= 0.15 else 'NO'}")
+    out.append(f"- entropy never more than 15% below its target (worst 10-step shortfall, mean over seeds): "
+               f"{t['max_short'][0]:.3f} -> {'yes' if t['max_short'][0] <= 0.15 else 'NO'}")
     return out
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--seeds", default="0,1,2")
+    ap.add_argument("--seeds", default="20,21,22", help="seeds for every method (fresh: design used 10-13)")
+    ap.add_argument("--extra-seeds", default="23,24,25,26,27",
+                    help=f"more seeds for {', '.join(CONTENDERS)} only ('' for none)")
     ap.add_argument("--steps", type=int, default=100)
     ap.add_argument("--out", default="runs/evidence")
     ap.add_argument("--jobs", type=int, default=2)
@@ -202,9 +218,16 @@ def main(argv=None) -> int:
         rc = cli.main(_argv(a.methods.split(","), seeds, a.steps, out / "main", a.jobs))
         if rc:
             return rc
-        rc = _run_variants(THERMOSTAT_VARIANTS, seeds, a.steps, out / "main", a.jobs)
-        if rc:
-            return rc
+        extra = [int(x) for x in a.extra_seeds.split(",") if x]
+        contenders = [m for m in CONTENDERS if m in a.methods.split(",")]
+        if extra and contenders:
+            rc = cli.main(_argv(contenders, extra, a.steps, out / "main", a.jobs))
+            if rc:
+                return rc
+        if THERMOSTAT_VARIANTS:
+            rc = _run_variants(THERMOSTAT_VARIANTS, seeds, a.steps, out / "main", a.jobs)
+            if rc:
+                return rc
         if not a.skip_stress:
             rc = cli.main(_argv(STRESS_METHODS, seeds[:2], a.steps, out / "stress", a.jobs,
                                 train_extra={"lr": 3e-4}, per_method=STRESS_OVERRIDES))
@@ -214,9 +237,11 @@ def main(argv=None) -> int:
             rc = cli.main(_argv(TRANSFER_METHODS, seeds[:2], a.steps, out / "transfer", a.jobs, task=a.transfer_task))
             if rc:
                 return rc
-            rc = _run_variants(TRANSFER_VARIANTS, seeds[:2], a.steps, out / "transfer", a.jobs, task=a.transfer_task)
-            if rc:
-                return rc
+            if TRANSFER_VARIANTS:
+                rc = _run_variants(TRANSFER_VARIANTS, seeds[:2], a.steps, out / "transfer", a.jobs,
+                                   task=a.transfer_task)
+                if rc:
+                    return rc
     main_table, main_stats = table(out / "main")
     docs = Path(a.results).parent
     docs.mkdir(parents=True, exist_ok=True)

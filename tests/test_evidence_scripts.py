@@ -32,6 +32,7 @@ def test_tracking_metrics_by_hand():
     assert r["track_err"] == pytest.approx(0.25)
     # signed errors 0, -0.5, +0.5, 0; 2-step averages 0, -0.25, 0, 0.25 -> worst 0.25
     assert r["max_dev"] == pytest.approx(0.25)
+    assert r["max_short"] == pytest.approx(0.25)  # the -0.25 window
     assert (r["pass@1"], r["pass@8"], r["pass@32"], r["maj@8"], r["distinct"]) == (0.5, 0.7, 0.9, 0.5, 3.0)
     # a ramping target followed exactly: zero error (the average of the error, not of H, is compared)
     ramp = [1.0 - 0.1 * i for i in range(6)]
@@ -40,6 +41,10 @@ def test_tracking_metrics_by_hand():
     # entropy 20% above its logged target throughout
     r = ev._per_run(_rows([1.2] * 5, targets=[1.0] * 5))
     assert r["track_err"] == pytest.approx(0.2) and r["max_dev"] == pytest.approx(0.2)
+    assert r["max_short"] == 0.0  # never below the target
+    # 10% below it throughout
+    r = ev._per_run(_rows([0.9] * 5, targets=[1.0] * 5))
+    assert r["max_short"] == pytest.approx(0.1) and r["max_dev"] == pytest.approx(0.1)
 
 
 def _fake_runs(root: Path, per_method: dict[str, list[float]]):
@@ -57,11 +62,17 @@ def test_table_and_goal_check(tmp_path):
     assert md.splitlines()[2].startswith("| grpo | 2 | 0.450 ± 0.050 |")
     assert st["thermostat"]["pass@1"] == pytest.approx((0.5, 0.0))
     lines = ev.goal_check(st)
-    assert "pass@1: thermostat 0.500 vs siren 0.450: no worse" in "\n".join(lines)
-    assert "pass@1: thermostat 0.500 vs steer 0.550: WORSE" in "\n".join(lines)
+    text = "\n".join(lines)
+    assert "pass@1: thermostat 0.500 ± 0.000 vs siren 0.450 ± 0.000 (difference +0.050): no worse (mean at" in text
+    # steer 0.55 ± 0.05: thermostat's 0.5 + 0 reaches steer's 0.55 - 0.05
+    assert "vs steer 0.550 ± 0.050 (difference -0.050): no worse within standard errors" in text
     assert any("NOT separated" in x for x in lines)  # equal pass@8 everywhere
-    # |1.0 - 0.9| / 0.9 = 0.111 <= 0.15
-    assert lines[-1].endswith("-> yes")
+    # |1.0 - 0.9| / 0.9 = 0.111 <= 0.15, and never below the target
+    assert lines[-2].endswith("0.111 -> yes") and lines[-1].endswith("0.000 -> yes")
+    # steer 0.65 ± 0.05 is out of reach: 0.5 < 0.6
+    _fake_runs(tmp_path / "b", {"siren": [0.45, 0.45], "steer": [0.6, 0.7], "thermostat": [0.5, 0.5]})
+    assert "(difference -0.150): WORSE (standard errors do not overlap)" in "\n".join(ev.goal_check(
+        ev.table(tmp_path / "b")[1]))
 
 
 def test_design_variants_and_table(tmp_path):

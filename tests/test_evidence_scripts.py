@@ -33,6 +33,8 @@ def test_tracking_metrics_by_hand():
     # signed errors 0, -0.5, +0.5, 0; 2-step averages 0, -0.25, 0, 0.25 -> worst 0.25
     assert r["max_dev"] == pytest.approx(0.25)
     assert r["max_short"] == pytest.approx(0.25)  # the -0.25 window
+    # 2-step averages of H / H0: 1.0, 0.75, 1.0, 1.25
+    assert (r["h_min_rel"], r["h_max_rel"]) == (pytest.approx(0.75), pytest.approx(1.25))
     assert (r["pass@1"], r["pass@8"], r["pass@32"], r["maj@8"], r["distinct"]) == (0.5, 0.7, 0.9, 0.5, 3.0)
     # a ramping target followed exactly: zero error (the average of the error, not of H, is compared)
     ramp = [1.0 - 0.1 * i for i in range(6)]
@@ -61,6 +63,8 @@ def test_table_and_goal_check(tmp_path):
     md, st = ev.table(tmp_path)
     assert md.splitlines()[2].startswith("| grpo | 2 | 0.450 ± 0.050 |")
     assert st["thermostat"]["pass@1"] == pytest.approx((0.5, 0.0))
+    assert ev.entropy_range({"grpo": st["grpo"]}) == [
+        "- grpo: entropy stayed between 1.00 and 1.00 x its first-step value (10-step averages, every seed)"]
     lines = ev.goal_check(st)
     text = "\n".join(lines)
     assert "pass@1: thermostat 0.500 ± 0.000 vs siren 0.450 ± 0.000 (difference +0.050): no worse (mean at" in text

@@ -1,6 +1,7 @@
 """The lean loop on a tiny model: every registered method trains, writes metrics, resumes exactly."""
 import json
 from math import comb
+from pathlib import Path
 
 import pytest
 import torch
@@ -131,3 +132,22 @@ def test_prepare_hook_gets_the_first_rollout():
     _prepare_method(WithHook(), "batch")
     _prepare_method(object(), "ignored")  # no hook: nothing happens
     assert seen == ["batch"]
+
+
+@pytest.mark.parametrize("task_name", ["countdown3", "countdown4"])
+def test_default_warm_starts_are_shipped_and_load(task_name, tmp_path, monkeypatch):
+    """The evidence tasks' default-recipe warm starts ship with the package, so runs repeat across machines: an
+    empty cache loads the shipped copy instead of training."""
+    from rlvr_entropy.testbed import train as T
+    from rlvr_entropy.testbed.tasks import get_task
+    from rlvr_entropy.testbed.tokenizer import CharTokenizer
+
+    monkeypatch.setenv("RLVR_ENTROPY_CACHE", str(tmp_path / "empty"))
+    tok, task = CharTokenizer(), get_task(task_name)
+    cfg = TrainConfig(task=task_name)
+    shipped = Path(T.__file__).parent / "assets" / f"{task_name}-{T.warm_start_key(cfg, tok.vocab_size)}.pt"
+    assert shipped.exists(), f"{shipped.name} not shipped"
+    monkeypatch.setattr(T, "warm_start", lambda *a, **k: (_ for _ in ()).throw(AssertionError("retrained")))
+    model = T.initial_model(cfg, task, tok)
+    state = torch.load(shipped, map_location="cpu", weights_only=True)
+    assert all(torch.equal(state[k], v) for k, v in model.state_dict().items())

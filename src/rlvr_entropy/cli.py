@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-DEMO_METHODS = ("grpo", "siren", "steer")
+DEMO_METHODS = ("grpo", "siren", "steer", "thermostat")
 
 
 class CLIError(Exception):
@@ -350,7 +350,7 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p, False)
     p.set_defaults(func=cmd_compare)
 
-    p = sub.add_parser("demo", help="the default compare (grpo, siren, steer; one seed) into runs/latest")
+    p = sub.add_parser("demo", help="the default compare (grpo, siren, steer, thermostat; one seed) into runs/latest")
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--out", default="runs/latest")
     p.add_argument("--resume", action="store_true", help="continue an interrupted demo instead of starting over")

@@ -30,8 +30,8 @@ entropy, with a closed form that tracks the true first-order change poorly. Ther
 
 Design notes (why this form): the efficient allocation is the least distortion of the policy gradient (weighted
 by each token's coefficient) that buys the requested entropy correction, with one closed-form scalar per batch;
-every allocation reduces to GRPO exactly when u = 0 (at or above a floor target, or kp = ki = 0). Weights never exceed 1, so the step size never grows (no explosion from
-the controller itself), unlike an entropy bonus.
+every allocation reduces to GRPO exactly when u = 0 (at or above a floor target, or kp = ki = 0). Weights never
+exceed 1, so the step size never grows (no explosion from the controller itself), unlike an entropy bonus.
 
 Deviations: the prediction is for a step on the logits (tabular softmax), not for Adam on the network weights; only
 its direction and relative size are used, and the controller corrects the residual through the measured entropy.

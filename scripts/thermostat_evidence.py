@@ -107,7 +107,11 @@ def _per_run(rows, window: int = 10):
     worst = max(abs(x) for x in avg) if avg else float("nan")
     short = max(max(-x, 0.0) for x in avg) if avg else float("nan")  # below the target only (a floor's error)
     hav = [statistics.fmean(hs[max(0, i - window + 1):i + 1]) / first for i in range(len(hs))]
+    ws = [r["thermostat/weight_mean"] for r in steps if "thermostat/weight_mean" in r]
+    dfr = [r["thermostat/damped_frac"] for r in steps if "thermostat/damped_frac" in r]
     return {"h_min_rel": min(hav) if hav else float("nan"), "h_max_rel": max(hav) if hav else float("nan"),
+            "weight_mean": statistics.fmean(ws) if ws else float("nan"),
+            "damped_frac": statistics.fmean(dfr) if dfr else float("nan"),
             "pass@1": last["eval/pass@1"], "pass@8": last.get("eval/pass@8"), "pass@32": last.get("eval/pass@32"),
             "maj@8": last.get("eval/maj@k"), "distinct": last.get("eval/distinct_correct"),
             "entropy_end": last["eval/entropy"], "entropy_start": h0, "track_err": track, "max_dev": worst,
@@ -130,6 +134,8 @@ def table(root: Path) -> tuple[str, dict]:
         stats[m] = {k: _mean_se([p[k] for p in per]) for k, _ in COLS}
         stats[m]["start"] = _mean_se([p["entropy_start"] for p in per])
         stats[m]["h_range"] = (min(p["h_min_rel"] for p in per), max(p["h_max_rel"] for p in per))
+        stats[m]["weight_mean"] = _mean_se([p["weight_mean"] for p in per])
+        stats[m]["damped_frac"] = _mean_se([p["damped_frac"] for p in per])
         cells = [f"{stats[m][k][0]:.3f} ± {stats[m][k][1]:.3f}" for k, _ in COLS]
         lines.append(f"| {m} | {len(per)} | " + " | ".join(cells) + " |")
     return "\n".join(lines), stats
@@ -167,6 +173,14 @@ def plot_entropy(root: Path, path: Path, title: str, window: int = 10) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def controller_activity(stats: dict) -> list[str]:
+    """One line per thermostat row: the token weight and the share of tokens damped, averaged over every step of
+    the run (mean ± SE across seeds): how much of the policy-gradient signal the controller held back."""
+    return [f"- {m}: mean token weight {v['weight_mean'][0]:.4f} ± {v['weight_mean'][1]:.4f}, share of tokens damped "
+            f"{v['damped_frac'][0]:.3f} ± {v['damped_frac'][1]:.3f}"
+            for m, v in stats.items() if not math.isnan(v["weight_mean"][0])]
 
 
 def entropy_range(stats: dict) -> list[str]:
@@ -268,7 +282,9 @@ def main(argv=None) -> int:
              "for pass@1 means the thermostat's mean is not below the other method's with non-overlapping "
              "standard errors (the mirror of the \"above\" rule for pass@k); the raw difference is printed.",
              "",
-             "![entropy curves](results_entropy.png)", "", "## Goal check (issue 6)", "", *goal_check(main_stats)]
+             "![entropy curves](results_entropy.png)", "",
+             "Controller activity (averaged over every step of each run):", "", *controller_activity(main_stats), "",
+             "## Goal check (issue 6)", "", *goal_check(main_stats)]
     if (out / "stress").exists():
         st_table, st_stats = table(out / "stress")
         plot_entropy(out / "stress", docs / "results_stress_entropy.png", "Stress: lr 3e-4")

@@ -20,6 +20,7 @@ def _rows(hs, targets=None, p1=0.5):
         r = {"step": i, "entropy": h}
         if targets is not None:
             r["thermostat/target"] = targets[i - 1]
+            r["thermostat/weight_mean"], r["thermostat/damped_frac"] = 0.9, 0.2
         rows.append(r)
     rows.append({"step": len(hs), "eval/pass@1": p1, "eval/pass@8": 0.7, "eval/pass@32": 0.9, "eval/maj@k": 0.5,
                  "eval/distinct_correct": 3.0, "eval/entropy": 0.2})
@@ -63,6 +64,8 @@ def test_table_and_goal_check(tmp_path):
     md, st = ev.table(tmp_path)
     assert md.splitlines()[2].startswith("| grpo | 2 | 0.450 ± 0.050 |")
     assert st["thermostat"]["pass@1"] == pytest.approx((0.5, 0.0))
+    assert ev.controller_activity(st) == [
+        "- thermostat: mean token weight 0.9000 ± 0.0000, share of tokens damped 0.200 ± 0.000"]  # grpo: no line
     assert ev.entropy_range({"grpo": st["grpo"]}) == [
         "- grpo: entropy stayed between 1.00 and 1.00 x its first-step value (10-step averages, every seed)"]
     lines = ev.goal_check(st)

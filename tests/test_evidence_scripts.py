@@ -82,6 +82,23 @@ def test_table_and_goal_check(tmp_path):
         ev.table(tmp_path / "b")[1]))
 
 
+def test_fit_and_tradeoff_by_hand(tmp_path):
+    a, b, r = ev._fit([0.0, 1.0, 2.0], [1.0, 3.0, 5.0])
+    assert (a, b, r) == (pytest.approx(1.0), pytest.approx(2.0), pytest.approx(1.0))
+    # two methods on the same line (residual 0) and one above it
+    for m, (h, p1) in {"a": (0.1, 0.5), "b": (0.3, 0.3), "c": (0.2, 0.5)}.items():
+        d = tmp_path / m / "seed0"
+        d.mkdir(parents=True)
+        rows = _rows([1.0], p1=p1)
+        rows[-1]["eval/entropy"] = h
+        (d / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    lines = ev.tradeoff(tmp_path)
+    # fit through (0.1, 0.5), (0.2, 0.5), (0.3, 0.3): slope -1, intercept 0.633..; residuals -1/30, +1/15, -1/30
+    assert lines[0].startswith("- pass@1 = 0.633 -1.000 x H_end")
+    assert "| c | +0.067 ± nan |" in "\n".join(lines)
+    assert ev.tradeoff(tmp_path / "none") == []
+
+
 def test_design_variants_and_table(tmp_path):
     import dataclasses
 

@@ -140,6 +140,21 @@ class ThermostatConfig(PGConfig):
 
 
 @torch.no_grad()
+def entropy_bracket(logits: torch.Tensor, log_prob: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """pi_a (log pi_a + H) - sum_k pi_k^2 (log pi_k + H) per token, [B, T] (0 at padding): the first-order entropy
+    change per unit of policy-gradient coefficient, up to sign (d_t = -coef_t x this). Its absolute value is the
+    efficiency of ``allocation="efficient"``. logits [B, T, V], log_prob/mask [B, T]."""
+    h, s2 = stats.entropy_change_terms(logits, mask)
+    lpa = torch.where(mask, log_prob.detach().to(h.dtype), torch.zeros((), dtype=h.dtype))
+    return torch.where(mask, lpa.exp() * (lpa + h) - s2, torch.zeros_like(h))
+
+
+def _change(bracket: torch.Tensor, coef: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """d = -coef x bracket at valid positions, 0 at padding (whatever coef holds there)."""
+    return torch.where(mask, -coef.to(bracket.dtype) * bracket, torch.zeros_like(bracket))
+
+
+@torch.no_grad()
 def predicted_change(logits: torch.Tensor, log_prob: torch.Tensor, coef: torch.Tensor,
                      mask: torch.Tensor) -> torch.Tensor:
     """Exact first-order entropy change per token divided by the learning rate, [B, T] (0 at padding).
@@ -147,10 +162,7 @@ def predicted_change(logits: torch.Tensor, log_prob: torch.Tensor, coef: torch.T
     Same formula as ``stats.predicted_entropy_change(form="exact")`` but takes the sampled token's log-prob instead
     of its id (a TokenBatch has no ids); logits [B, T, V], log_prob/coef/mask [B, T].
     """
-    h, s2 = stats.entropy_change_terms(logits, mask)
-    lpa = torch.where(mask, log_prob.detach().to(h.dtype), torch.zeros((), dtype=h.dtype))
-    d = -coef.to(h.dtype) * (lpa.exp() * (lpa + h) - s2)
-    return torch.where(mask, d, torch.zeros_like(d))
+    return _change(entropy_bracket(logits, log_prob, mask), coef, mask)
 
 
 def _sides(d: torch.Tensor, eligible: torch.Tensor, u: float) -> tuple[torch.Tensor, float, torch.Tensor, torch.Tensor]:
@@ -292,7 +304,8 @@ class Thermostat(Method):
         adv = batch.token_advantages()
         terms = self.pg_terms(batch, adv)
         coef = terms.coef(adv)
-        d = predicted_change(batch.logits, batch.clean(batch.log_prob), coef, mask)
+        bracket = entropy_bracket(batch.logits, batch.clean(batch.log_prob), mask)  # one pass over the logits
+        d = _change(bracket, coef, mask)
         h_tok = batch.current_entropy(self.name).detach()
         eligible = mask
         if c.restrict != "none":
@@ -309,10 +322,7 @@ class Thermostat(Method):
         mu, u_rest = boost_weight(d, eligible, u, c.weight_max)
         # high-probability quadrants: d and the update coefficient have opposite signs (steer.md's quadrants)
         dampable = None if c.protect == "none" else (d * coef.to(d.dtype) < 0)
-        eff = None
-        if c.allocation == "efficient":  # |d_t| / |coef_t|: entropy change per unit of policy-gradient coefficient
-            cf = coef.to(d.dtype).abs()
-            eff = torch.where(cf > 0, d.abs() / torch.where(cf > 0, cf, torch.ones_like(cf)), torch.zeros_like(d))
+        eff = bracket.abs() if c.allocation == "efficient" else None  # = |d_t| / |coef_t| where coef_t != 0
         w, lams = damping_weight(d, eligible, u_rest, c.weight_min, first, dampable, eff)
         if mu != 1.0:  # the right-way set is disjoint from the damped (wrong-way) one
             w = torch.where(_sides(d, eligible, u)[2], torch.full_like(w, mu), w)

@@ -90,6 +90,11 @@ def _mean_se(xs):
     return m, se
 
 
+def _moving_avg(xs: list[float], window: int) -> list[float]:
+    """Trailing moving average over ``window`` values (shorter at the start)."""
+    return [statistics.fmean(xs[max(0, i - window + 1):i + 1]) for i in range(len(xs))]
+
+
 def _per_run(rows, window: int = 10):
     """Final evaluation metrics, plus entropy tracking from the per-step rollout entropy: H* = the method's own
     logged target ("<method>/target", the thermostat's) when it has one, else the first step's value; mean
@@ -104,10 +109,10 @@ def _per_run(rows, window: int = 10):
     targets = [next((v for k, v in r.items() if k.endswith("/target") and v == v), first) for r in steps]
     track = statistics.fmean(abs(h - t) / t for h, t in zip(hs, targets)) if hs else float("nan")
     rel = [(h - t) / t for h, t in zip(hs, targets)]  # signed relative error per step
-    avg = [statistics.fmean(rel[max(0, i - window + 1):i + 1]) for i in range(len(rel))]
+    avg = _moving_avg(rel, window)
     worst = max(abs(x) for x in avg) if avg else float("nan")
     short = max(max(-x, 0.0) for x in avg) if avg else float("nan")  # below the target only (a floor's error)
-    hav = [statistics.fmean(hs[max(0, i - window + 1):i + 1]) / first for i in range(len(hs))]
+    hav = [x / first for x in _moving_avg(hs, window)]
     ws = [r["thermostat/weight_mean"] for r in steps if "thermostat/weight_mean" in r]
     dfr = [r["thermostat/damped_frac"] for r in steps if "thermostat/damped_frac" in r]
     return {"h_min_rel": min(hav) if hav else float("nan"), "h_max_rel": max(hav) if hav else float("nan"),
@@ -133,6 +138,7 @@ def table(root: Path) -> tuple[str, dict]:
             continue
         per = [_per_run(r) for r in runs[m]]
         stats[m] = {k: _mean_se([p[k] for p in per]) for k, _ in COLS}
+        stats[m]["runs"] = per
         stats[m]["start"] = _mean_se([p["entropy_start"] for p in per])
         stats[m]["h_range"] = (min(p["h_min_rel"] for p in per), max(p["h_max_rel"] for p in per))
         stats[m]["weight_mean"] = _mean_se([p["weight_mean"] for p in per])
@@ -158,7 +164,7 @@ def plot_entropy(root: Path, path: Path, title: str, window: int = 10) -> None:
                     by_step.setdefault(r["step"], []).append(r[key])
         steps = sorted(by_step)
         ys = [statistics.fmean(by_step[x]) for x in steps]
-        return steps, [statistics.fmean(ys[max(0, i - window + 1):i + 1]) for i in range(len(ys))]
+        return steps, _moving_avg(ys, window)
 
     runs = _runs(root)
     fig, ax = plt.subplots(figsize=(7, 4))
@@ -187,11 +193,12 @@ def _fit(xs: list[float], ys: list[float]) -> tuple[float, float, float]:
     return my - b * mx, b, r
 
 
-def tradeoff(root: Path) -> list[str]:
-    """Does a method beat the entropy dial? Fit pass@1 and pass@8 on the final entropy over every finished run of
-    every method, then give each method's mean residual ± SE across its seeds: a method that only moves along the
-    line (more entropy: more pass@8, less pass@1) has residuals near 0 on both; a better trade-off is above it."""
-    per = {m: [_per_run(r) for r in rs] for m, rs in _runs(root).items()}
+def tradeoff(stats: dict) -> list[str]:
+    """Does a method beat the entropy dial? Fit pass@1 and pass@8 on the final entropy over every run of every
+    method (``stats`` from :func:`table`), then give each method's mean residual ± SE across its seeds: a method
+    that only moves along the line (more entropy: more pass@8, less pass@1) has residuals near 0 on both; a better
+    trade-off is above it."""
+    per = {m: v["runs"] for m, v in stats.items()}
     pts = [p for ps in per.values() for p in ps]
     if len(pts) < 3:
         return []
@@ -324,7 +331,7 @@ def main(argv=None) -> int:
              "## The entropy dial", "",
              "Final pass@1 and pass@8 against the final token entropy over every run of the main comparison "
              "(linear fit), and each method's mean residual: how far it sits above (+) or below (-) the line that "
-             "entropy alone predicts.", "", *tradeoff(out / "main")]
+             "entropy alone predicts.", "", *tradeoff(main_stats)]
     if (out / "stress").exists():
         st_table, st_stats = table(out / "stress")
         plot_entropy(out / "stress", docs / "results_stress_entropy.png", "Stress: lr 3e-4")

@@ -92,11 +92,11 @@ def test_fit_and_tradeoff_by_hand(tmp_path):
         rows = _rows([1.0], p1=p1)
         rows[-1]["eval/entropy"] = h
         (d / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
-    lines = ev.tradeoff(tmp_path)
+    lines = ev.tradeoff(ev.table(tmp_path)[1])
     # fit through (0.1, 0.5), (0.2, 0.5), (0.3, 0.3): slope -1, intercept 0.633..; residuals -1/30, +1/15, -1/30
     assert lines[0].startswith("- pass@1 = 0.633 -1.000 x H_end")
     assert "| c | +0.067 ± nan |" in "\n".join(lines)
-    assert ev.tradeoff(tmp_path / "none") == []
+    assert ev.tradeoff(ev.table(tmp_path / "none")[1]) == []
 
 
 def test_design_variants_and_table(tmp_path):

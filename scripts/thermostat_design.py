@@ -60,6 +60,15 @@ VARIANTS: dict[str, tuple[dict[str, object], str]] = {
     "ramp0.7-40-floor-eff": ({"target_end_scale": 0.7, "schedule_steps": 40, "floor": "true",
                               "allocation": "efficient"},
                              "as ramp0.7-40-floor, efficient allocation: the default since this table"),
+    "hard0.5": ({"target_end_scale": 0.7, "schedule_steps": 40, "floor": "true", "allocation": "efficient",
+                 "solved_at": 0.5, "damp_only": "unsolved"},
+                "as the default, responses of groups that solved >= 50% never damped (they sharpen freely)"),
+    "hard0.5-ctl": ({"target_end_scale": 0.7, "schedule_steps": 40, "floor": "true", "allocation": "efficient",
+                     "solved_at": 0.5, "damp_only": "unsolved", "control_only_unsolved": "true"},
+                    "as hard0.5, and only the unsolved groups' entropy is controlled (target measured on them)"),
+    "easy0.5": ({"target_end_scale": 0.7, "schedule_steps": 40, "floor": "true", "allocation": "efficient",
+                 "solved_at": 0.5, "damp_only": "solved"},
+                "as the default, only responses of groups that solved >= 50% damped (rare successes always learn)"),
 }
 # explicit (the first default's settings), so the variants do not move with the defaults
 BASE = {"target_scale": 1.0, "schedule_steps": 20, "floor": "false", "allocation": "uniform"}

@@ -117,6 +117,10 @@ class EntropyGRPOTrainer(GRPOTrainer):
             n = out["completion_ids"].size(0)
             start = self.accelerator.process_index * n
             out["rewards"] = rewards[start:start + n]
+            # success rate of each completion's group (TRL's groups: num_generations consecutive completions)
+            g = self.num_generations if self.model.training else self.num_generations_eval
+            group = rewards.view(-1, g).mean(1).repeat_interleave(g)
+            out["group_reward"] = group[start:start + n]
             self._last_rewards_per_func = None
         return out
 
@@ -166,6 +170,7 @@ class EntropyGRPOTrainer(GRPOTrainer):
             old_entropy=entropies.detach() if entropies is not None else None,
             ref_log_prob=inputs.get("ref_per_token_logps"),
             rewards=inputs.get("rewards"),
+            group_reward=inputs.get("group_reward"),
         )
         out = self.method.compute_loss(batch, step=self.state.global_step)
         if (self.diagnostics_every and mode == "train" and self._probe_inputs is None

@@ -31,6 +31,7 @@ def test_valid_batch_and_helpers():
     ("old_entropy", torch.zeros(2, 4), "old_entropy"),
     ("ref_log_prob", torch.zeros(1, 3), "ref_log_prob"),
     ("rewards", torch.zeros(3), "rewards"),
+    ("group_reward", torch.zeros(2, 1), "group_reward"),
     ("log_prob", [[0.0] * 3] * 2, "log_prob"),
 ])
 def test_bad_shapes_and_types_name_the_field(field, value, match):
@@ -59,6 +60,10 @@ def test_non_finite_advantages_logits_rewards():
         _ok(logits=lg)
     with pytest.raises(ValueError, match="rewards"):
         _ok(rewards=torch.tensor([1.0, float("nan")]))
+    with pytest.raises(ValueError, match="group_reward"):
+        _ok(group_reward=torch.tensor([0.5, float("inf")]))
+    b = _ok(group_reward=torch.tensor([0.25, 0.75]))
+    assert torch.equal(b.with_(advantages=torch.ones(2)).group_reward, b.group_reward)  # with_ keeps it
 
 
 def test_current_entropy_from_logits_and_require():

@@ -135,6 +135,35 @@ def test_resume_restores_siren_anchor(tok, tmp_path):
     assert t2.method.state_dict()["anchor"]["value"] == pytest.approx(anchor, rel=0, abs=0)
 
 
+def test_group_reward_reaches_the_method(tok, tmp_path):
+    """Each completion carries its group's mean reward (thermostat's difficulty split reads it)."""
+    t = EntropyGRPOTrainer(model=make_model(tok), reward_funcs=digit_reward, args=_args(tmp_path, max_steps=2),
+                           train_dataset=make_dataset(), processing_class=tok, method="thermostat",
+                           method_config={"solved_at": 0.5, "damp_only": "solved"})
+    seen = []
+    inner = t.method.compute_loss
+
+    def spy(batch, step=None):
+        seen.append((batch.rewards.detach().clone(), batch.group_reward.detach().clone()))
+        return inner(batch, step=step)
+
+    t.method.compute_loss = spy
+    t.train()
+    rewards = torch.cat([r for r, _ in seen])
+    group = torch.cat([g for _, g in seen])
+    assert len(rewards) == 8  # one generation batch (2 prompts x 4 completions) over 2 steps of 4
+    # a group mean repeated over its members sums to the rewards' sum, whatever the shuffling
+    torch.testing.assert_close(group.sum(), rewards.sum())
+    # each group's mean is carried by its 4 members: every distinct value appears a multiple of 4 times, and is
+    # the mean of 4 of the rewards
+    values, counts = torch.unique(group, return_counts=True)
+    assert all(int(c) % 4 == 0 for c in counts)
+    means = torch.combinations(rewards, 4).mean(1)
+    assert all(bool((means - v).abs().min() < 1e-6) for v in values)
+    logged = set().union(*[set(h) for h in t.state.log_history])
+    assert "thermostat/unsolved_frac" in logged
+
+
 def test_bad_method_and_conflicting_trl_options(tok, tmp_path):
     with pytest.raises(ValueError, match="unknown method"):
         resolve_method("nope")

@@ -340,6 +340,63 @@ def test_floor_leaves_entropy_above_target_alone():
         re.make_method("thermostat", floor="yes")
 
 
+def _grad_groups(logits, lp0, adv, mask, group_reward, **cfg):
+    lp = lp0.clone().requires_grad_(True)
+    b = re.TokenBatch(log_prob=lp, old_log_prob=lp0, advantages=adv, mask=mask, logits=logits,
+                      group_reward=group_reward)
+    out = re.make_method("thermostat", **cfg).compute_loss(b)
+    out.loss.backward()
+    return lp.grad, out.metrics
+
+
+def test_damp_only_solved_or_unsolved_problems():
+    logits, lp0, adv, mask = _random_batch(21)
+    mask[2, 4:] = False  # padding changes nothing below
+    gr = torch.tensor([0.25, 0.25, 0.75, 0.75], dtype=torch.float64)  # rows 0-1 unsolved, rows 2-3 solved
+    g0, _ = _grad_groups(logits, lp0, adv, mask, gr, kp=0.0, ki=0.0)
+    low = {"target": 50.0, "kp": 1.0, "solved_at": 0.5}  # far below target: u = 1, as much damping as possible
+    ga, ma = _grad_groups(logits, lp0, adv, mask, gr, **low)
+    gs, ms = _grad_groups(logits, lp0, adv, mask, gr, damp_only="solved", **low)
+    gu, mu = _grad_groups(logits, lp0, adv, mask, gr, damp_only="unsolved", **low)
+    assert ms["thermostat/unsolved_frac"] == pytest.approx(12 / 22)
+    # "all" is the rule without a split
+    g_plain, _ = _grad(logits, lp0, adv, mask, "thermostat", target=50.0, kp=1.0)
+    assert torch.equal(ga, g_plain)
+    # each shield leaves the other rows' gradient exactly as GRPO's, and damps some of its own rows
+    assert torch.equal(gs[:2], g0[:2]) and not torch.allclose(gs[2:][mask[2:]], g0[2:][mask[2:]])
+    assert torch.equal(gu[2:], g0[2:]) and not torch.allclose(gu[:2], g0[:2])
+    assert 0 < ms["thermostat/damped_frac"] and 0 < mu["thermostat/damped_frac"]
+    assert ms["thermostat/damped_frac"] + mu["thermostat/damped_frac"] == pytest.approx(ma["thermostat/damped_frac"])
+    # a split above every group rate makes every problem unsolved: the same as no split
+    g_all, _ = _grad_groups(logits, lp0, adv, mask, gr, target=50.0, kp=1.0, solved_at=2.0, damp_only="unsolved")
+    assert torch.equal(g_all, g_plain)
+
+
+def test_control_only_unsolved_measures_the_unsolved_entropy():
+    logits, lp0, adv, mask = _random_batch(22)
+    gr = torch.tensor([0.0, 0.5, 1.0, 0.125], dtype=torch.float64)
+    h = stats.entropy(logits)
+    unsolved = torch.tensor([True, False, False, True])[:, None].expand_as(mask)
+    g, met = _grad_groups(logits, lp0, adv, mask, gr, target=50.0, kp=1.0, solved_at=0.5, damp_only="unsolved",
+                          control_only_unsolved=True)
+    assert met["thermostat/entropy"] == pytest.approx(h[unsolved].mean().item())
+    assert met["thermostat/eligible_frac"] == pytest.approx(0.5)
+    g0, _ = _grad_groups(logits, lp0, adv, mask, gr, kp=0.0, ki=0.0)
+    assert torch.equal(g[~unsolved], g0[~unsolved])
+
+
+def test_difficulty_split_needs_group_reward_and_solved_at():
+    logits, lp0, adv, mask = _random_batch(23)
+    with pytest.raises(ValueError, match="group_reward"):
+        _grad(logits, lp0, adv, mask, "thermostat", solved_at=0.5, damp_only="solved")
+    with pytest.raises(ValueError, match="solved_at"):
+        re.make_method("thermostat", damp_only="solved")
+    with pytest.raises(ValueError, match="damp_only"):
+        re.make_method("thermostat", solved_at=0.5, damp_only="easy")
+    with pytest.raises(ValueError, match="control_only_unsolved"):
+        re.make_method("thermostat", solved_at=0.5, control_only_unsolved=1)
+
+
 def test_prediction_equals_stats_exact_form():
     leaves, tokens = make_leaves(seed=11)
     coef = torch.randn(leaves["mask"].shape, dtype=torch.float64)

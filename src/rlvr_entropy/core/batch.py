@@ -15,6 +15,9 @@ entropy         [B, T]       optional; entropy of pi_theta at each position (wit
 old_entropy     [B, T]       optional; entropy of pi_old (STEER reads this)
 ref_log_prob    [B, T]       optional; log-prob under a reference model
 rewards         [B]          optional; scalar reward per response (W-REINFORCE reads this)
+group_reward    [B]          optional; mean reward of the response's group (the prompt's GRPO group, all its
+                             samples), i.e. the group success rate for 0/1 rewards (thermostat's
+                             ``hard_below`` reads this)
 =============== ============ ==========================================================================
 
 Values at padded positions are never read: they may be anything, NaN included, and never receive gradient.
@@ -44,6 +47,7 @@ class TokenBatch:
     old_entropy: torch.Tensor | None = None
     ref_log_prob: torch.Tensor | None = None
     rewards: torch.Tensor | None = None
+    group_reward: torch.Tensor | None = None
     _cache: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -74,10 +78,12 @@ class TokenBatch:
             if self.logits.dim() != 3 or tuple(self.logits.shape[:2]) != (B, T):
                 raise ValueError(f"logits must have shape [B, T, V] = [{B}, {T}, V], got {list(self.logits.shape)}")
             check_finite_where("logits", self.logits, self.mask)
-        if self.rewards is not None:
-            check_tensor("rewards", self.rewards)
-            check_shape("rewards", self.rewards, (B,))
-            check_finite_where("rewards", self.rewards, None)
+        for name in ("rewards", "group_reward"):
+            x = getattr(self, name)
+            if x is not None:
+                check_tensor(name, x)
+                check_shape(name, x, (B,))
+                check_finite_where(name, x, None)
 
     # ------------------------------------------------------------------ helpers
     @property
@@ -121,7 +127,7 @@ class TokenBatch:
         """A copy with some fields replaced (validated again)."""
         fields = {k: getattr(self, k) for k in
                   ("log_prob", "old_log_prob", "advantages", "mask", "logits", "entropy", "old_entropy",
-                   "ref_log_prob", "rewards")}
+                   "ref_log_prob", "rewards", "group_reward")}
         fields.update(changes)
         return TokenBatch(**fields)
 

@@ -105,6 +105,17 @@ class ThermostatConfig(PGConfig):
     damp_first: str = "none"
     """Which wrong-way tokens give way first: "none" (all alike, one weight), "negative" (negative-advantage
     tokens first, then the rest only if needed) or "positive" (positive-advantage tokens first)."""
+    solved_at: float | None = None
+    """Difficulty split (reads ``TokenBatch.group_reward``, the success rate of each response's group): a response
+    whose group solved at least this share is on a "solved" problem, otherwise on an "unsolved" one. Used by
+    ``damp_only``; None: no split."""
+    damp_only: str = "all"
+    """With ``solved_at``: which responses may be damped. "all": every response; "solved": only responses on solved
+    problems (the rare successes on unsolved problems always learn at full strength); "unsolved": only responses
+    on unsolved problems (solved problems sharpen freely)."""
+    control_only_unsolved: bool = False
+    """With ``solved_at``: leave the solved problems' tokens out of the controlled quantity and its target, so
+    only the entropy on unsolved problems is held (and only they can be damped)."""
     allocation: str = "efficient"
     """How the cancellation is shared inside the wrong-way set. "uniform": one weight lambda for every wrong-way
     token. "efficient": w_t = clip(1 - c e_t, weight_min, 1) with e_t = |d_t| / |A_t r_t| (the entropy change per
@@ -137,6 +148,14 @@ class ThermostatConfig(PGConfig):
         check_choice("damp_first", self.damp_first, ("none", "negative", "positive"))
         check_choice("protect", self.protect, ("none", "low_prob"))
         check_choice("allocation", self.allocation, ("uniform", "efficient"))
+        if self.solved_at is not None:
+            check_float("solved_at", self.solved_at)
+        check_choice("damp_only", self.damp_only, ("all", "solved", "unsolved"))
+        if not isinstance(self.control_only_unsolved, bool):
+            raise ValueError(f"control_only_unsolved must be a bool, got {self.control_only_unsolved!r}")
+        if self.solved_at is None and (self.damp_only != "all" or self.control_only_unsolved):
+            raise ValueError("damp_only and control_only_unsolved need solved_at (the group success rate that "
+                             "splits solved from unsolved problems)")
 
 
 @torch.no_grad()
@@ -313,6 +332,13 @@ class Thermostat(Method):
 
             sel = h_tok if c.restrict == "peak" else stats.top_p_entropy(batch.logits.detach(), p=c.top_p, mask=mask)
             eligible = peak_entropy_mask(sel, mask, quantile=c.quantile)
+        unsolved = shield = None
+        if c.solved_at is not None:
+            gr = batch.require("group_reward", self.name).detach()
+            unsolved = mask & (gr < c.solved_at)[:, None].to(mask.device)
+            if c.control_only_unsolved:
+                eligible = eligible & unsolved
+            shield = {"all": None, "solved": mask & ~unsolved, "unsolved": unsolved}[c.damp_only]
         # the controlled quantity: token-mean entropy over the eligible positions (all valid tokens by default)
         h_now = masked_mean(h_tok, eligible)
         if new_step and bool(eligible.any()):
@@ -322,6 +348,8 @@ class Thermostat(Method):
         mu, u_rest = boost_weight(d, eligible, u, c.weight_max)
         # high-probability quadrants: d and the update coefficient have opposite signs (steer.md's quadrants)
         dampable = None if c.protect == "none" else (d * coef.to(d.dtype) < 0)
+        if shield is not None:
+            dampable = shield if dampable is None else dampable & shield
         eff = bracket.abs() if c.allocation == "efficient" else None  # = |d_t| / |coef_t| where coef_t != 0
         w, lams = damping_weight(d, eligible, u_rest, c.weight_min, first, dampable, eff)
         if mu != 1.0:  # the right-way set is disjoint from the damped (wrong-way) one
@@ -336,6 +364,7 @@ class Thermostat(Method):
                 "entropy": h_now,
                 "token_entropy": masked_mean(h_tok, mask),
                 "eligible_frac": masked_mean(eligible.float(), mask),
+                **({"unsolved_frac": masked_mean(unsolved.float(), mask)} if unsolved is not None else {}),
                 "error": self.pi.last_error,
                 "u": self.pi.u,
                 "integral": self.pi.integral,

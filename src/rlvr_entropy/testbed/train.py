@@ -426,13 +426,15 @@ def _train(method_name, cfg, out_dir, method_overrides, resume, progress, use_ca
         _, ok = _score(task, tok, problems, s.tokens, G)
         rewards = torch.tensor(ok, dtype=torch.float32)  # [N]
         adv = grpo_advantages(rewards, G, cfg.adv_std_norm)  # [N]
+        group_reward = rewards.view(-1, G).mean(1).repeat_interleave(G)  # [N] success rate of each group
         t_gen = time.time() - t0
         if step == 1 and start == 0:
             with torch.no_grad():
                 lg = _response_logits(model, prompts, s.tokens, cfg.temperature)
                 _prepare_method(method, TokenBatch(log_prob=s.log_prob, old_log_prob=s.log_prob, advantages=adv,
                                                    mask=s.mask, logits=lg, entropy=entropy_fn(lg, mask=s.mask),
-                                                   old_entropy=s.entropy, rewards=rewards))
+                                                   old_entropy=s.entropy, rewards=rewards,
+                                                   group_reward=group_reward))
         N = prompts.shape[0]
         mb = N // cfg.minibatches
         agg: dict[str, float] = {}
@@ -453,7 +455,8 @@ def _train(method_name, cfg, out_dir, method_overrides, resume, progress, use_ca
                                                 -1).gather(-1, tk[..., None]).squeeze(-1)
                 batch = TokenBatch(log_prob=logp, old_log_prob=s.log_prob[idx, :T], advantages=adv[idx], mask=m,
                                    logits=logits, entropy=entropy_fn(logits, mask=m),
-                                   old_entropy=s.entropy[idx, :T], ref_log_prob=ref, rewards=rewards[idx])
+                                   old_entropy=s.entropy[idx, :T], ref_log_prob=ref, rewards=rewards[idx],
+                                   group_reward=group_reward[idx])
                 lo = method.compute_loss(batch, step=step)
                 opt.zero_grad(set_to_none=True)
                 lo.loss.backward()

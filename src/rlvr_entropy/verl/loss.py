@@ -7,7 +7,8 @@ Two ways in:
 * ``entropy_ppo_loss(config, model_output, data, dp_group=None)``: drop-in for
   ``verl.workers.utils.losses.ppo_loss`` that also hands the method the current entropy (``model_output["entropy"]``,
   with gradient), the old-policy entropy when the batch carries one (``old_entropy`` / ``old_entropys``), and
-  rewards (``rewards``: a [B] tensor, else the row sum of ``token_level_scores``). Install it with
+  rewards (``rewards``: a [B] tensor, else the row sum of ``token_level_scores``) and, when the batch carries one,
+  ``group_reward`` (a [B] tensor: each response's group mean reward, for thermostat's ``solved_at``). Install it with
   ``install_loss()`` (patches the name verl's workers bind) or a driver call ``actor_rollout_wg.set_loss_fn(...)``.
 
 Loss scaling follows verl: the method aggregates over the micro-batch, then the loss is rescaled so that
@@ -142,6 +143,7 @@ def method_loss(name: str, *, old_log_prob: torch.Tensor, log_prob: torch.Tensor
                 response_mask: torch.Tensor, config: Any, rollout_is_weights: torch.Tensor | None = None,
                 entropy: torch.Tensor | None = None, old_entropy: torch.Tensor | None = None,
                 logits: torch.Tensor | None = None, rewards: torch.Tensor | None = None,
+                group_reward: torch.Tensor | None = None,
                 ) -> tuple[torch.Tensor, dict[str, Any]]:
     """Loss [] and float metrics of method ``name`` on one padded verl micro-batch ([B, T] tensors)."""
     if rollout_is_weights is not None:
@@ -151,7 +153,8 @@ def method_loss(name: str, *, old_log_prob: torch.Tensor, log_prob: torch.Tensor
     gbi = dict(getattr(config, "global_batch_info", {}) or {})
     mask = response_mask.to(torch.bool)
     batch = TokenBatch(log_prob=log_prob, old_log_prob=old_log_prob, advantages=advantages, mask=mask,
-                       entropy=entropy, old_entropy=old_entropy, logits=logits, rewards=rewards)
+                       entropy=entropy, old_entropy=old_entropy, logits=logits, rewards=rewards,
+                       group_reward=group_reward)
     step = _detect_step(mask, gbi)
     try:
         out = method.compute_loss(batch, step=step)
@@ -214,6 +217,7 @@ def entropy_ppo_loss(config: Any, model_output: dict[str, Any], data: Any, dp_gr
     optional = ["rollout_is_weights", "ref_log_prob", "old_entropy", "old_entropys", "token_level_scores"]
     fields += [k for k in optional if k in data.keys()]
     rewards = data["rewards"] if "rewards" in data.keys() else None
+    group_reward = data["group_reward"] if "group_reward" in data.keys() else None
     pd = data.select(*fields).to_padded_tensor()
     mask = pd["response_mask"].to(bool)
     old_entropy = pd.get("old_entropy", None)
@@ -223,6 +227,8 @@ def entropy_ppo_loss(config: Any, model_output: dict[str, Any], data: Any, dp_gr
         rewards = torch.where(mask, pd["token_level_scores"], 0).sum(-1)
     if isinstance(rewards, torch.Tensor) and rewards.is_nested:
         rewards = None
+    if isinstance(group_reward, torch.Tensor) and group_reward.is_nested:
+        group_reward = None
 
     logits = None
     from rlvr_entropy.verl import hooks
@@ -234,7 +240,7 @@ def entropy_ppo_loss(config: Any, model_output: dict[str, Any], data: Any, dp_gr
     pg_loss, pg_metrics = method_loss(
         name, old_log_prob=pd["old_log_probs"], log_prob=log_prob, advantages=pd["advantages"], response_mask=mask,
         config=config, rollout_is_weights=pd.get("rollout_is_weights", None), entropy=entropy,
-        old_entropy=old_entropy, rewards=rewards, logits=logits)
+        old_entropy=old_entropy, rewards=rewards, logits=logits, group_reward=group_reward)
     metrics: dict[str, Any] = dict(Metric.from_dict(pg_metrics, aggregation=AggregationType.MEAN))
     metrics["actor/pg_loss"] = Metric(value=pg_loss, aggregation=agg)
     policy_loss = pg_loss

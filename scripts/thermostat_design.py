@@ -69,6 +69,14 @@ VARIANTS: dict[str, tuple[dict[str, object], str]] = {
     "easy0.5": ({"target_end_scale": 0.7, "schedule_steps": 40, "floor": "true", "allocation": "efficient",
                  "solved_at": 0.5, "damp_only": "solved"},
                 "as the default, only responses of groups that solved >= 50% damped (rare successes always learn)"),
+    "anneal-sharpen": ({"target_end_scale": 0.7, "schedule_steps": 40, "floor": "true", "allocation": "efficient",
+                        "anneal_start": 60, "anneal_steps": 30, "anneal_end_scale": 0.5, "sharpen": 0.1},
+                       "as the default, then from step 60 the target ramps to 0.5 x H0 over 30 steps and entropy "
+                       "above it is lowered by a controlled entropy penalty (up to 0.1)"),
+    "anneal-release": ({"target_end_scale": 0.7, "schedule_steps": 40, "floor": "true", "allocation": "efficient",
+                        "anneal_start": 60, "anneal_steps": 30, "anneal_end_scale": 0.5},
+                       "as anneal-sharpen without the penalty: the floor descends and the policy gradient alone "
+                       "lowers entropy"),
 }
 # explicit (the first default's settings), so the variants do not move with the defaults
 BASE = {"target_scale": 1.0, "schedule_steps": 20, "floor": "false", "allocation": "uniform"}

@@ -397,6 +397,76 @@ def test_difficulty_split_needs_group_reward_and_solved_at():
         re.make_method("thermostat", solved_at=0.5, control_only_unsolved=1)
 
 
+def test_pi_anneal_segment_by_hand():
+    # first ramp 1.0 -> 0.5 over 4 steps; from step 2 a second ramp from where it stands (0.75) to 0.1 over 2 steps
+    pi = EntropyPI(1.0, 0.0, target=1.0, target_end_scale=0.5, schedule_steps=4, anneal_start=2, anneal_steps=2,
+                   anneal_end_scale=0.1, floor=True, anneal_two_sided=True)
+    seen = []
+    for _ in range(6):
+        seen.append(pi.target)
+        pi.update(0.9)
+    assert seen == pytest.approx([1.0, 0.875, 0.75, 0.425, 0.1, 0.1])
+    # u is clamped at 0 (floor) before the annealing phase, negative inside it (entropy 0.9 above the target)
+    pi = EntropyPI(1.0, 0.0, target=0.5, floor=True, anneal_start=1, anneal_steps=1, anneal_end_scale=0.5,
+                   anneal_two_sided=True)
+    assert not pi.annealing and pi.update(0.9) == 0.0
+    assert pi.annealing
+    assert pi.update(0.9) == pytest.approx((0.5 - 0.9) / 0.5)
+    # without anneal_two_sided the floor stays
+    pi = EntropyPI(1.0, 0.0, target=0.5, floor=True, anneal_start=0, anneal_end_scale=0.5)
+    assert pi.update(0.9) == 0.0
+
+
+def _grad_logits(logits, lp_tok, adv, mask, steps, **cfg):
+    """d loss / d logits at the last of ``steps`` calls (ratio 1), and its metrics."""
+    m = re.make_method("thermostat", **cfg)
+    for k in range(steps):
+        z = logits.clone().requires_grad_(True)
+        lp = torch.log_softmax(z, -1).gather(-1, lp_tok[..., None]).squeeze(-1)
+        b = re.TokenBatch(log_prob=lp, old_log_prob=lp.detach(), advantages=adv, mask=mask, logits=z)
+        out = m.compute_loss(b, step=k)
+    out.loss.backward()
+    return z.grad, out.metrics
+
+
+def test_sharpen_adds_a_controlled_entropy_penalty_only_while_annealing():
+    torch.manual_seed(31)
+    B, T, V = 4, 6, 7
+    logits = torch.randn(B, T, V, dtype=torch.float64)
+    tok = torch.randint(V, (B, T))
+    adv = torch.tensor([1.0, -1.0, 0.5, -0.5], dtype=torch.float64)
+    mask = torch.ones(B, T, dtype=torch.bool)
+    mask[3, 4:] = False
+    h = stats.entropy(logits)
+    h_mean = h[mask].mean().item()
+    # a fixed target well below the entropy: the annealing phase starts at the second step
+    cfg = {"target": 0.5 * h_mean, "schedule_steps": None, "anneal_start": 1, "anneal_steps": 1,
+           "anneal_end_scale": 1.0, "kp": 1.0, "ki": 0.0}
+    g_pg, _ = _grad_logits(logits, tok, adv, mask, 2, kp=0.0, ki=0.0)
+    g, met = _grad_logits(logits, tok, adv, mask, 2, sharpen=0.2, **cfg)
+    u = (0.5 * h_mean - h_mean) / (0.5 * h_mean)  # = -1: saturated
+    assert met["thermostat/u"] == pytest.approx(max(u, -1.0))
+    beta = 0.2 * 1.0
+    assert met["thermostat/sharpen"] == pytest.approx(beta) and met["thermostat/damped_frac"] == 0.0
+    # the gradient is the plain policy gradient plus beta x the gradient of the token-mean entropy
+    z = logits.clone().requires_grad_(True)
+    (beta * stats.entropy(z)[mask].mean()).backward()
+    torch.testing.assert_close(g, g_pg + z.grad, rtol=1e-9, atol=1e-12)
+    assert torch.all(g[~mask] == 0)  # padding gets no gradient
+    # before the annealing phase (one call) and with sharpen = 0 it is the plain policy gradient (floor)
+    g1, m1 = _grad_logits(logits, tok, adv, mask, 1, sharpen=0.2, **cfg)
+    g1_pg, _ = _grad_logits(logits, tok, adv, mask, 1, kp=0.0, ki=0.0)
+    assert m1["thermostat/sharpen"] == 0.0 and torch.equal(g1, g1_pg)
+    g0, m0 = _grad_logits(logits, tok, adv, mask, 2, sharpen=0.0, **cfg)
+    assert m0["thermostat/u"] == 0.0 and torch.equal(g0, g_pg)
+    with pytest.raises(ValueError, match="sharpen"):
+        re.make_method("thermostat", sharpen=-0.1)
+    with pytest.raises(ValueError, match="anneal_steps"):
+        re.make_method("thermostat", anneal_steps=0)
+    with pytest.raises(ValueError, match="anneal_end_scale"):
+        re.make_method("thermostat", anneal_end_scale=0.0)
+
+
 def test_prediction_equals_stats_exact_form():
     leaves, tokens = make_leaves(seed=11)
     coef = torch.randn(leaves["mask"].shape, dtype=torch.float64)

@@ -86,6 +86,20 @@ class ThermostatConfig(PGConfig):
     """One-sided control: the target is a floor. Entropy below it is raised as usual; entropy above it is left alone
     (u >= 0, integral >= 0) instead of pushed down, so on a task whose entropy does not collapse the method stays
     plain GRPO."""
+    anneal_start: int | None = None
+    """Step at which a final annealing phase begins (None: none). From then the target moves linearly from where
+    the schedule stands to ``anneal_end_scale`` x the first measured entropy over ``anneal_steps`` steps, and
+    with ``sharpen > 0`` entropy above the target is lowered (see ``sharpen``)."""
+    anneal_steps: int = 30
+    """Length of the annealing ramp in steps."""
+    anneal_end_scale: float = 0.5
+    """End point of the annealing ramp relative to the first measured entropy."""
+    sharpen: float = 0.0
+    """Entropy-penalty coefficient at full control output during the annealing phase: when entropy is above the
+    target, loss += sharpen x |u| x the aggregated token entropy. It lowers entropy the way a lower sampling
+    temperature does (mass moves toward each position's mode and an evenly split fork stays even, to first order)
+    instead of the policy gradient's way (one branch reinforced). 0: entropy above the target is left to the
+    policy gradient."""
     renormalize: bool = False
     """Rescale the weights so their mean over valid tokens is 1 (keeps the step size; then weights can exceed 1)."""
     restrict: str = "none"
@@ -151,6 +165,10 @@ class ThermostatConfig(PGConfig):
         if self.solved_at is not None:
             check_float("solved_at", self.solved_at)
         check_choice("damp_only", self.damp_only, ("all", "solved", "unsolved"))
+        check_int("anneal_start", self.anneal_start, lo=0, allow_none=True)
+        check_int("anneal_steps", self.anneal_steps, lo=1)
+        check_float("anneal_end_scale", self.anneal_end_scale, lo=0.0, lo_open=True)
+        check_float("sharpen", self.sharpen, lo=0.0)
         if not isinstance(self.control_only_unsolved, bool):
             raise ValueError(f"control_only_unsolved must be a bool, got {self.control_only_unsolved!r}")
         if self.solved_at is None and (self.damp_only != "all" or self.control_only_unsolved):
@@ -308,7 +326,9 @@ class Thermostat(Method):
         self.pi = EntropyPI(c.kp, c.ki, i_max=c.i_max, target=c.target, target_end=c.target_end,
                             schedule_steps=c.schedule_steps, target_scale=c.target_scale,
                             target_end_scale=None if c.target_end is not None else c.target_end_scale,
-                            floor=c.floor)
+                            floor=c.floor, anneal_start=c.anneal_start, anneal_steps=c.anneal_steps,
+                            anneal_end_scale=c.anneal_end_scale if c.anneal_start is not None else None,
+                            anneal_two_sided=c.sharpen > 0)
 
     def controllers(self):
         return {"pi": self.pi}
@@ -345,6 +365,9 @@ class Thermostat(Method):
             self.pi.update(float(h_now))
         first = None if c.damp_first == "none" else (adv < 0 if c.damp_first == "negative" else adv > 0)
         u = self.pi.u
+        beta = 0.0
+        if c.sharpen > 0 and self.pi.annealing and u < 0:  # above the target while annealing: sharpen, no damping
+            beta, u = c.sharpen * -u, 0.0
         mu, u_rest = boost_weight(d, eligible, u, c.weight_max)
         # high-probability quadrants: d and the update coefficient have opposite signs (steer.md's quadrants)
         dampable = None if c.protect == "none" else (d * coef.to(d.dtype) < 0)
@@ -357,6 +380,8 @@ class Thermostat(Method):
         if c.renormalize and bool(mask.any()):
             w = w / masked_mean(w, mask).clamp(min=1e-8)
         loss = self.aggregate(w * terms.loss, mask)
+        if beta > 0:
+            loss = loss + beta * self.aggregate(batch.current_entropy(self.name), mask)
         with torch.no_grad():
             metrics = self.pg_metrics(terms, batch)
             metrics.update({
@@ -370,6 +395,7 @@ class Thermostat(Method):
                 "integral": self.pi.integral,
                 "lambda": lams[0],
                 "boost": mu,
+                "sharpen": beta,
                 **({"lambda_rest": lams[1]} if len(lams) > 1 else {}),
                 "predicted_change": masked_mean(d, mask),
                 "predicted_change_weighted": masked_mean(w * d, mask),

@@ -18,6 +18,10 @@ estimate).
 Stress test: lr 3e-4 (TESTBED.md's unstable setting) for grpo, a strong selective bonus and thermostat.
 Transfer check: the same protocol on a second task (countdown4 by default: 4 numbers, ~40 valid paths per problem)
 for grpo, siren, steer and thermostat, with the first two seeds.
+Temperature frontier: the final checkpoints of FRONTIER_METHODS sampled at FRONTIER_TEMPS (same held-out problems
+and samples; cached in each run directory), and pass@8 / pass@32 read off each run's curve at the pass@1 the seed
+methods reach at T = 1 (rlvr_entropy.testbed.frontier): which policy offers more pass@k at equal pass@1 once the
+sampling temperature, a knob any deployment can turn, is allowed to differ.
 Thermostat variants (THERMOSTAT_VARIANTS, TRANSFER_VARIANTS: settings of scripts/thermostat_design.py) run with the
 same protocol and are shown as extra rows; the goal check judges the default only.
 """
@@ -49,6 +53,9 @@ TRANSFER_METHODS = ["grpo", "siren", "steer", "thermostat"]
 # {"thermostat-v1": "ramp0.7"} for the first default); run last; the goal check judges the default only. Empty:
 # this session's budget went to more seeds of the compared methods instead
 THERMOSTAT_VARIANTS: dict[str, str] = {}
+# the temperature frontier: final checkpoints of these methods sampled at these temperatures
+FRONTIER_METHODS = ["grpo", "siren", "steer", "thermostat"]
+FRONTIER_TEMPS = (1.0, 0.9, 0.8, 0.7)
 # rows run on the transfer task as well (none: the default is already one-sided there)
 TRANSFER_VARIANTS: dict[str, str] = {}
 
@@ -234,6 +241,76 @@ def entropy_range(stats: dict) -> list[str]:
             f"(10-step averages, every seed)" for m, v in stats.items()]
 
 
+def _sweep_one(run_dir: str) -> list[dict]:
+    import torch
+
+    from rlvr_entropy.testbed.frontier import temperature_sweep
+
+    torch.set_num_threads(1)
+    return temperature_sweep(run_dir, FRONTIER_TEMPS)
+
+
+def sweep_frontiers(root: Path, methods: list[str], jobs: int) -> dict[str, list[list[dict]]]:
+    """{method: [per-seed frontier records]} for the finished runs of ``methods`` under ``root`` (cached per run)."""
+    from concurrent.futures import ProcessPoolExecutor
+
+    dirs = [(m, d) for m in methods for d in sorted((root / m).glob("seed*")) if (d / "summary.json").exists()]
+    with ProcessPoolExecutor(max_workers=max(1, jobs)) as ex:
+        recs = list(ex.map(_sweep_one, [str(d) for _, d in dirs]))
+    out: dict[str, list[list[dict]]] = {}
+    for (m, _), r in zip(dirs, recs):
+        out.setdefault(m, []).append(r)
+    return out
+
+
+def frontier_section(fr: dict[str, list[list[dict]]], stats: dict, plot_path: Path | None = None) -> list[str]:
+    """Markdown lines: pass@1 / pass@8 / pass@32 / entropy per temperature, and pass@k at matched pass@1."""
+    from rlvr_entropy.testbed.frontier import at_matched
+
+    keys = [("eval/pass@1", "pass@1"), ("eval/pass@8", "pass@8"), ("eval/pass@32", "pass@32"),
+            ("eval/entropy", "H")]
+    lines = ["| method | T | seeds | " + " | ".join(k[1] for k in keys) + " |", "|---|---|---|" + "---|" * len(keys)]
+    means: dict[str, list[tuple[float, float]]] = {}
+    for m, runs in fr.items():
+        for i, t in enumerate(FRONTIER_TEMPS):
+            cells = [_mean_se([r[i][k] for r in runs]) for k, _ in keys]
+            means.setdefault(m, []).append((cells[0][0], cells[1][0]))
+            lines.append(f"| {m} | {t:g} | {len(runs)} | " + " | ".join(f"{a:.3f} ± {b:.3f}" for a, b in cells) + " |")
+    refs = [r for r in ("siren", "steer") if r in stats]
+    lines += ["", "pass@k read off each run's frontier (linear between temperatures, no extrapolation) at the "
+              "pass@1 the seed method reaches at T = 1 (its mean in the main table); mean ± standard error over "
+              "seeds:", "",
+              "| method | " + " | ".join(f"pass@8 @ {r}'s pass@1 | pass@32 @ {r}'s pass@1" for r in refs) + " |",
+              "|---|" + "---|---|" * len(refs)]
+    for m, runs in fr.items():
+        cells = []
+        for r in refs:
+            x = stats[r]["pass@1"][0]
+            for k in ("eval/pass@8", "eval/pass@32"):
+                a, b = _mean_se([at_matched(run, "eval/pass@1", x, k) for run in runs])
+                cells.append(f"{a:.3f} ± {b:.3f}")
+        lines.append(f"| {m} | " + " | ".join(cells) + " |")
+    if plot_path is not None:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, ax = plt.subplots(figsize=(6, 4.5))
+        for m, pts in means.items():
+            xs, ys = zip(*pts)
+            ax.plot(xs, ys, marker="o", label=m)
+            ax.annotate("T=1", (xs[0], ys[0]), fontsize=7, textcoords="offset points", xytext=(4, 4))
+        ax.set_xlabel("pass@1")
+        ax.set_ylabel("pass@8")
+        ax.set_title("Temperature frontier (mean over seeds; T = " + ", ".join(f"{t:g}" for t in FRONTIER_TEMPS) + ")")
+        ax.legend()
+        fig.tight_layout()
+        fig.savefig(plot_path, dpi=110)
+        plt.close(fig)
+    return lines
+
+
 def goal_check(stats: dict) -> list[str]:
     out = []
     t = stats.get("thermostat")
@@ -277,6 +354,7 @@ def main(argv=None) -> int:
     ap.add_argument("--skip-stress", action="store_true")
     ap.add_argument("--transfer-task", default="countdown4", help="second task for the transfer check ('' skips)")
     ap.add_argument("--only-report", action="store_true")
+    ap.add_argument("--no-frontier", action="store_true", help="skip the temperature frontier section")
     ap.add_argument("--results", default="docs/results.md")
     a = ap.parse_args(argv)
     seeds = [int(s) for s in a.seeds.split(",")]
@@ -332,6 +410,14 @@ def main(argv=None) -> int:
              "Final pass@1 and pass@8 against the final token entropy over every run of the main comparison "
              "(linear fit), and each method's mean residual: how far it sits above (+) or below (-) the line that "
              "entropy alone predicts.", "", *tradeoff(main_stats)]
+    if not a.no_frontier:
+        fr = sweep_frontiers(out / "main", [m for m in FRONTIER_METHODS if m in main_stats], a.jobs)
+        parts += ["", "## Temperature frontier", "",
+                  "The same final policies sampled at lower temperatures (logits scaled by 1/T: a deployment knob, "
+                  "not part of training). The goal check above is at T = 1, as trained; this section asks which "
+                  "policy offers more pass@k at equal pass@1 when each may be sampled at its own temperature.", "",
+                  *frontier_section(fr, main_stats, docs / "results_frontier.png"), "",
+                  "![temperature frontier](results_frontier.png)"]
     if (out / "stress").exists():
         st_table, st_stats = table(out / "stress")
         plot_entropy(out / "stress", docs / "results_stress_entropy.png", "Stress: lr 3e-4")

@@ -35,6 +35,18 @@ def test_run_then_report(tmp_path, capsys):
         assert (out / png).stat().st_size > 0
 
 
+def test_frontier_prints_each_temperature(tmp_path, capsys):
+    out = tmp_path / "r"
+    assert cli.main(["run", "--method", "grpo", "--steps", "1", "--out", str(out), "--quiet", "--no-plots",
+                     *TINY]) == 0
+    capsys.readouterr()
+    assert cli.main(["frontier", str(out), "--temperatures", "1.0,0.5"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].split()[:3] == ["run", "T", "pass@1"]
+    assert [ln.split()[1] for ln in lines[1:]] == ["1.00", "0.50"]
+    assert (out / "frontier.json").exists()
+
+
 @pytest.mark.parametrize("jobs", ["1", "2"])
 def test_compare_two_seeds(tmp_path, jobs):
     out = tmp_path / "c"
@@ -54,6 +66,8 @@ def test_compare_two_seeds(tmp_path, jobs):
     (["compare", "--methods", "grpo,nope"], "available:"),
     (["report", "/nonexistent/dir"], "does not exist"),
     (["compare", "--methods", "grpo", "--seeds", "a"], "--seeds"),
+    (["frontier", "/nonexistent/dir"], "ckpt.pt"),
+    (["frontier", "/nonexistent/dir", "--temperatures", "1,x"], "--temperatures"),
 ])
 def test_clear_errors(argv, msg, capsys):
     assert cli.main(argv) == 2

@@ -3,6 +3,7 @@
     rlvr-entropy run --method grpo [--task countdown3 --steps N --seed S --out DIR --engine lean] [key=value ...]
     rlvr-entropy compare --methods grpo,siren,steer [--seeds 0,1] --out runs/latest [key=value ...]
     rlvr-entropy report RUN_DIR
+    rlvr-entropy frontier RUN_DIR [RUN_DIR ...] [--temperatures 1.0,0.9,0.8,0.7]
     rlvr-entropy demo            (the default compare; what `make run` calls)
     rlvr-entropy eval ...        (benchmark evaluation, from rlvr_entropy.eval.cli)
 
@@ -298,6 +299,25 @@ def cmd_report(args) -> int:
     return 0
 
 
+def cmd_frontier(args) -> int:
+    from rlvr_entropy.testbed.frontier import temperature_sweep
+
+    try:
+        temps = [float(t) for t in args.temperatures.split(",") if t.strip()]
+    except ValueError:
+        raise CLIError(f"--temperatures must be comma-separated numbers, got {args.temperatures!r}") from None
+    print(f"{'run':40s} {'T':>5s} {'pass@1':>8s} {'pass@8':>8s} {'pass@32':>8s} {'entropy':>8s}")
+    for d in args.run_dirs:
+        try:
+            recs = temperature_sweep(d, temps, use_cache=not args.no_cache)
+        except ValueError as e:
+            raise CLIError(str(e)) from None
+        for r in recs:
+            print(f"{str(d)[-40:]:40s} {r['T']:5.2f} {r['eval/pass@1']:8.3f} {r.get('eval/pass@8', float('nan')):8.3f} "
+                  f"{r.get('eval/pass@32', float('nan')):8.3f} {r['eval/entropy']:8.3f}")
+    return 0
+
+
 def _eval_module():
     try:
         from rlvr_entropy.eval import cli as eval_cli
@@ -361,6 +381,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run_dir")
     p.add_argument("--no-plots", action="store_true")
     p.set_defaults(func=cmd_report)
+
+    p = sub.add_parser("frontier", help="a finished run's final policy sampled at several temperatures "
+                                        "(pass@1 against pass@k; cached in the run directory)")
+    p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR")
+    p.add_argument("--temperatures", default="1.0,0.9,0.8,0.7")
+    p.add_argument("--no-cache", action="store_true", help="sample again even if frontier.json matches")
+    p.set_defaults(func=cmd_frontier)
 
     p = sub.add_parser("eval", help="benchmark evaluation (rlvr_entropy.eval)")
     mod, _ = _eval_module()

@@ -18,10 +18,11 @@ estimate).
 Stress test: lr 3e-4 (TESTBED.md's unstable setting) for grpo, a strong selective bonus and thermostat.
 Transfer check: the same protocol on a second task (countdown4 by default: 4 numbers, ~40 valid paths per problem)
 for grpo, siren, steer and thermostat, with the first two seeds.
-Temperature frontier: the final checkpoints of FRONTIER_METHODS sampled at FRONTIER_TEMPS (same held-out problems
-and samples; cached in each run directory), and pass@8 / pass@32 read off each run's curve at the pass@1 the seed
-methods reach at T = 1 (rlvr_entropy.testbed.frontier): which policy offers more pass@k at equal pass@1 once the
-sampling temperature, a knob any deployment can turn, is allowed to differ.
+Temperature frontier: the final checkpoints of FRONTIER_METHODS (main comparison and transfer check) sampled at
+FRONTIER_TEMPS (same held-out problems and samples; cached in each run directory), and the thermostat's pass@8 /
+pass@32 read off each of its runs' curves at the pass@1 SIREN and STEER reach at each of their temperatures
+(rlvr_entropy.testbed.frontier): which policy offers more pass@k at equal pass@1 once the sampling temperature, a
+knob any deployment can turn, may differ.
 Thermostat variants (THERMOSTAT_VARIANTS, TRANSFER_VARIANTS: settings of scripts/thermostat_design.py) run with the
 same protocol and are shown as extra rows; the goal check judges the default only.
 """
@@ -437,6 +438,11 @@ def main(argv=None) -> int:
         parts += ["", f"## Transfer check ({task}, same protocol)", "", tr_table, "",
                   "![transfer entropy curves](results_transfer_entropy.png)", "",
                   *goal_check(tr_stats)]
+        if not a.no_frontier:
+            fr = sweep_frontiers(out / "transfer", [m for m in FRONTIER_METHODS if m in tr_stats], a.jobs)
+            parts += ["", f"### Temperature frontier on {task}", "",
+                      *frontier_section(fr, docs / "results_transfer_frontier.png"), "",
+                      "![transfer temperature frontier](results_transfer_frontier.png)"]
     Path(a.results).write_text("\n".join(parts) + "\n")
     print("\n".join(parts))
     print(f"\nwall {time.time() - t0:.0f} s; wrote {a.results}", file=sys.stderr)

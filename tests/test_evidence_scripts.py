@@ -112,3 +112,38 @@ def test_design_variants_and_table(tmp_path):
     md = design.table(["ramp0.7", "ramp0.8"], tmp_path)
     assert "| ramp0.7 | ramp 1.0 -> 0.7 x H0 over 20 steps | 2 | 0.450 ± 0.050 |" in md
     assert "ramp0.8 |" not in md  # no runs, no row
+
+
+def _curve(p1s, p8s, p32s):
+    return [{"T": t, "eval/pass@1": a, "eval/pass@8": b, "eval/pass@32": c, "eval/entropy": 0.2}
+            for t, a, b, c in zip(ev.FRONTIER_TEMPS, p1s, p8s, p32s)]
+
+
+def test_frontier_section_matches_point_by_point(tmp_path):
+    assert ev.FRONTIER_TEMPS == (1.0, 0.9, 0.8, 0.7)
+    seed = _curve([0.40, 0.44, 0.48, 0.52], [0.70, 0.69, 0.68, 0.67], [0.80, 0.79, 0.78, 0.77])
+    fr = {"siren": [seed, seed],
+          # thermostat: pass@8 0.75 -> 0.71 while pass@1 goes 0.36 -> 0.48 (linear, 0.01 per 0.03 of pass@1)
+          "thermostat": [_curve([0.36, 0.40, 0.44, 0.48], [0.75, 0.74, 0.73, 0.72], [0.85, 0.84, 0.83, 0.82])] * 2}
+    lines = ev.frontier_section(fr, tmp_path / "f.png")
+    text = "\n".join(lines)
+    assert "| siren | 1 | 2 | 0.400 ± 0.000 | 0.700 ± 0.000 | 0.800 ± 0.000 | 0.200 ± 0.000 |" in text
+    # at siren's T = 1 (pass@1 0.40): thermostat's curve gives pass@8 0.74 and pass@32 0.84
+    assert ("| siren | 1 | 0.400 ± 0.000 | 0.700 ± 0.000 | 0.740 ± 0.000 (above) | 0.800 ± 0.000 | "
+            "0.840 ± 0.000 (above) |") in text
+    # at siren's T = 0.9 (0.44): 0.73 vs 0.69; at 0.7 (0.52) beyond thermostat's range: its end 0.72 vs 0.67
+    assert "| siren | 0.9 | 0.440 ± 0.000 | 0.690 ± 0.000 | 0.730 ± 0.000 (above)" in text
+    assert "| siren | 0.7 | 0.520 ± 0.000 | 0.670 ± 0.000 | 0.720 ± 0.000 (above)" in text
+    assert (tmp_path / "f.png").stat().st_size > 0
+    # a thermostat below the seed method is called below
+    low = {"steer": [seed, seed], "thermostat": [_curve([0.40, 0.44, 0.48, 0.52], [0.60] * 4, [0.70] * 4)] * 2}
+    assert "0.600 ± 0.000 (below)" in "\n".join(ev.frontier_section(low))
+
+
+def test_design_table_paired_difference(tmp_path):
+    _fake_runs(tmp_path, {design.REFERENCE: [0.40, 0.50], "ramp0.7": [0.45, 0.60, 0.9]})
+    md = design.table([design.REFERENCE, "ramp0.7"], tmp_path)
+    ref_row, row = md.splitlines()[2], md.splitlines()[3]
+    assert ref_row.endswith("|  |  |")
+    # seeds 0 and 1 are shared: +0.05 and +0.10 -> +0.075 ± 0.025; pass@8 is 0.7 everywhere
+    assert row.endswith("| +0.075 ± 0.025 (2) | +0.000 ± 0.000 (2) |")

@@ -319,6 +319,32 @@ def frontier_section(fr: dict[str, list[list[dict]]], plot_path: Path | None = N
     return lines
 
 
+def frontier_verdicts(fr: dict[str, list[list[dict]]]) -> list[str]:
+    """One line per seed method: at how many of its temperatures the thermostat's pass@8 / pass@32 at the same
+    pass@1 is above (standard errors do not overlap), overlapping, or below."""
+    from rlvr_entropy.testbed.frontier import at_matched
+
+    th = fr.get("thermostat")
+    out = []
+    for r in ("siren", "steer"):
+        if r not in fr or not th:
+            continue
+        counts = {"eval/pass@8": {"above": 0, "overlap": 0, "below": 0},
+                  "eval/pass@32": {"above": 0, "overlap": 0, "below": 0}}
+        for i in range(len(FRONTIER_TEMPS)):
+            x = _mean_se([run[i]["eval/pass@1"] for run in fr[r]])[0]
+            for k, c in counts.items():
+                ref = _mean_se([run[i][k] for run in fr[r]])
+                ours = _mean_se([at_matched(run, "eval/pass@1", x, k) for run in th])
+                c["above" if ours[0] - ours[1] > ref[0] + ref[1] else
+                  "below" if ours[0] + ours[1] < ref[0] - ref[1] else "overlap"] += 1
+        n = len(FRONTIER_TEMPS)
+        out.append(f"- at equal pass@1 (temperature frontier, {r}'s {n} temperatures): thermostat pass@8 above at "
+                   f"{counts['eval/pass@8']['above']}/{n} (below at {counts['eval/pass@8']['below']}), pass@32 "
+                   f"above at {counts['eval/pass@32']['above']}/{n} (below at {counts['eval/pass@32']['below']})")
+    return out
+
+
 def goal_check(stats: dict) -> list[str]:
     out = []
     t = stats.get("thermostat")
@@ -397,6 +423,8 @@ def main(argv=None) -> int:
             if rc:
                 return rc
     main_table, main_stats = table(out / "main")
+    fr = None if a.no_frontier else sweep_frontiers(
+        out / "main", [m for m in FRONTIER_METHODS if m in main_stats], a.jobs)
     docs = Path(a.results).parent
     docs.mkdir(parents=True, exist_ok=True)
     plot_entropy(out / "main", docs / "results_entropy.png", "Countdown-3, lr 1e-4 (mean over seeds)")
@@ -413,13 +441,12 @@ def main(argv=None) -> int:
              "",
              "![entropy curves](results_entropy.png)", "",
              "Controller activity (averaged over every step of each run):", "", *controller_activity(main_stats), "",
-             "## Goal check (issue 6)", "", *goal_check(main_stats), "",
+             "## Goal check (issue 6)", "", *goal_check(main_stats), *(frontier_verdicts(fr) if fr else []), "",
              "## The entropy dial", "",
              "Final pass@1 and pass@8 against the final token entropy over every run of the main comparison "
              "(linear fit), and each method's mean residual: how far it sits above (+) or below (-) the line that "
              "entropy alone predicts.", "", *tradeoff(main_stats)]
-    if not a.no_frontier:
-        fr = sweep_frontiers(out / "main", [m for m in FRONTIER_METHODS if m in main_stats], a.jobs)
+    if fr:
         parts += ["", "## Temperature frontier", "",
                   "The same final policies sampled at lower temperatures (logits scaled by 1/T: a deployment knob, "
                   "not part of training). The goal check above is at T = 1, as trained; this section asks which "
@@ -435,13 +462,14 @@ def main(argv=None) -> int:
         tr_table, tr_stats = table(out / "transfer")
         task = json.loads(next((out / "transfer").glob("*/seed*/config.json")).read_text())["train"]["task"]
         plot_entropy(out / "transfer", docs / "results_transfer_entropy.png", f"Transfer: {task}")
+        fr_t = None if a.no_frontier else sweep_frontiers(
+            out / "transfer", [m for m in FRONTIER_METHODS if m in tr_stats], a.jobs)
         parts += ["", f"## Transfer check ({task}, same protocol)", "", tr_table, "",
                   "![transfer entropy curves](results_transfer_entropy.png)", "",
-                  *goal_check(tr_stats)]
-        if not a.no_frontier:
-            fr = sweep_frontiers(out / "transfer", [m for m in FRONTIER_METHODS if m in tr_stats], a.jobs)
+                  *goal_check(tr_stats), *(frontier_verdicts(fr_t) if fr_t else [])]
+        if fr_t:
             parts += ["", f"### Temperature frontier on {task}", "",
-                      *frontier_section(fr, docs / "results_transfer_frontier.png"), "",
+                      *frontier_section(fr_t, docs / "results_transfer_frontier.png"), "",
                       "![transfer temperature frontier](results_transfer_frontier.png)"]
     Path(a.results).write_text("\n".join(parts) + "\n")
     print("\n".join(parts))

@@ -147,3 +147,16 @@ def test_design_table_paired_difference(tmp_path):
     assert ref_row.endswith("|  |  |")
     # seeds 0 and 1 are shared: +0.05 and +0.10 -> +0.075 ± 0.025; pass@8 is 0.7 everywhere
     assert row.endswith("| +0.075 ± 0.025 (2) | +0.000 ± 0.000 (2) |")
+
+
+def test_frontier_verdicts_count_each_temperature():
+    seed = _curve([0.40, 0.44, 0.48, 0.52], [0.70, 0.69, 0.68, 0.67], [0.80, 0.79, 0.78, 0.77])
+    th = _curve([0.36, 0.40, 0.44, 0.48], [0.75, 0.74, 0.73, 0.72], [0.85, 0.84, 0.83, 0.82])
+    lines = ev.frontier_verdicts({"siren": [seed, seed], "thermostat": [th, th]})
+    assert lines == ["- at equal pass@1 (temperature frontier, siren's 4 temperatures): thermostat pass@8 above at "
+                     "4/4 (below at 0), pass@32 above at 4/4 (below at 0)"]
+    low = _curve([0.40, 0.44, 0.48, 0.52], [0.60] * 4, [0.79] * 4)
+    lines = ev.frontier_verdicts({"steer": [seed, seed], "thermostat": [low, low]})
+    assert lines == ["- at equal pass@1 (temperature frontier, steer's 4 temperatures): thermostat pass@8 above at "
+                     "0/4 (below at 4), pass@32 above at 2/4 (below at 1)"]
+    assert ev.frontier_verdicts({"siren": [seed]}) == []

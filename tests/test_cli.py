@@ -55,6 +55,21 @@ def test_compare_two_seeds(tmp_path, jobs):
     s = json.loads((out / "summary.json").read_text())
     assert s["methods"]["grpo"]["n_seeds"] == 2 and "compare_wall_s" in s
     assert (out / "grpo" / "seed1" / "metrics.jsonl").exists()
+    # after training, each final policy is sampled at the default frontier temperatures
+    recs = json.loads((out / "grpo" / "seed1" / "frontier.json").read_text())["records"]
+    assert [r["T"] for r in recs] == [1.0, 0.9, 0.8, 0.7]
+
+
+def test_compare_frontier_plot_in_report_and_skip(tmp_path):
+    out = tmp_path / "c"
+    assert cli.main(["compare", "--methods", "grpo", "--seeds", "0", "--steps", "1", "--out", str(out), "--quiet",
+                     "--jobs", "1", "--frontier", "1.0,0.5", *TINY]) == 0
+    assert (out / "frontier.png").stat().st_size > 0
+    assert 'alt="frontier"' in (out / "report.html").read_text()
+    out2 = tmp_path / "c2"
+    assert cli.main(["compare", "--methods", "grpo", "--seeds", "0", "--steps", "1", "--out", str(out2), "--quiet",
+                     "--jobs", "1", "--frontier", "", *TINY]) == 0
+    assert not (out2 / "grpo" / "seed0" / "frontier.json").exists() and not (out2 / "frontier.png").exists()
 
 
 @pytest.mark.parametrize("argv,msg", [
@@ -67,6 +82,8 @@ def test_compare_two_seeds(tmp_path, jobs):
     (["report", "/nonexistent/dir"], "does not exist"),
     (["compare", "--methods", "grpo", "--seeds", "a"], "--seeds"),
     (["frontier", "/nonexistent/dir"], "ckpt.pt"),
+    (["compare", "--methods", "grpo", "--frontier", "1,hot"], "--frontier"),
+    (["compare", "--methods", "grpo", "--frontier", "1,0"], "--frontier"),
     (["frontier", "/nonexistent/dir", "--temperatures", "1,x"], "--temperatures"),
 ])
 def test_clear_errors(argv, msg, capsys):

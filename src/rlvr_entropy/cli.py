@@ -241,6 +241,7 @@ def cmd_compare(args) -> int:
     if not methods:
         raise CLIError("--methods is empty")
     _check_methods(methods)
+    temps = _frontier_temps(getattr(args, "frontier", ""))
     try:
         seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
     except ValueError:
@@ -261,6 +262,14 @@ def cmd_compare(args) -> int:
             if not args.quiet:
                 print(f"[{m} seed {cfg.seed}] {cfg.steps} steps on {cfg.task}", file=sys.stderr)
             _run_one(m, cfg, run_out, over, args)
+    if temps:
+        from rlvr_entropy.testbed.frontier import temperature_sweep
+
+        for m, cfg, run_out, _ in jobs:
+            if (run_out / "ckpt.pt").exists():  # the lean loop's runs (the TRL engine keeps no checkpoint)
+                if not args.quiet:
+                    print(f"[frontier {m} seed {cfg.seed}] final policy at T = {args.frontier}", file=sys.stderr)
+                temperature_sweep(run_out, temps)
     from rlvr_entropy.report import build_report
 
     summary = build_report(out, plots=not args.no_plots)
@@ -269,6 +278,16 @@ def cmd_compare(args) -> int:
     _print_summary(summary)
     print(f"compare of {', '.join(methods)} over seeds {seeds} written to {out} in {time.time() - t0:.1f} s")
     return 0
+
+
+def _frontier_temps(text: str) -> list[float]:
+    try:
+        temps = [float(t) for t in text.split(",") if t.strip()]
+    except ValueError:
+        raise CLIError(f"--frontier must be comma-separated temperatures (or ''), got {text!r}") from None
+    if any(not (t > 0) for t in temps):
+        raise CLIError(f"--frontier temperatures must be positive, got {text!r}")
+    return temps
 
 
 def cmd_demo(args) -> int:
@@ -351,6 +370,12 @@ def _common(p: argparse.ArgumentParser, single: bool) -> None:
     p.add_argument("overrides", nargs="*", metavar="key=value", help="training or method config overrides")
 
 
+def _frontier_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--frontier", default="1.0,0.9,0.8,0.7",
+                   help="after training, sample each run's final policy at these temperatures (frontier.json, "
+                        "frontier.png in the report); '' skips")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="rlvr-entropy", description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -367,6 +392,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--methods", default=",".join(DEMO_METHODS))
     p.add_argument("--seeds", default="0")
     p.add_argument("--out", default="runs/latest")
+    _frontier_arg(p)
     _common(p, False)
     p.set_defaults(func=cmd_compare)
 
@@ -374,6 +400,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--out", default="runs/latest")
     p.add_argument("--resume", action="store_true", help="continue an interrupted demo instead of starting over")
+    _frontier_arg(p)
     _common(p, False)
     p.set_defaults(func=cmd_demo)
 

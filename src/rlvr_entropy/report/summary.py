@@ -205,6 +205,49 @@ def diagnostic_plots(runs: list[dict], out_dir: Path) -> list[Path]:
 
 
 # ------------------------------------------------------------------------------------------------- html
+def frontier_plot(runs: list[dict], out_dir: Path) -> list[Path]:
+    """pass@k against pass@1 of each method's final policy sampled at several temperatures (mean over seeds), from
+    the ``frontier.json`` files that ``rlvr-entropy compare`` / ``frontier`` leave in the run directories; [] when
+    there are none."""
+    by: dict[str, dict[float, list[dict]]] = {}
+    k = None
+    for r in runs:
+        f = Path(r["path"]) / "frontier.json"
+        if not f.exists():
+            continue
+        try:
+            recs = json.loads(f.read_text())["records"]
+        except (json.JSONDecodeError, KeyError):
+            continue
+        for rec in recs:
+            by.setdefault(r["method"], {}).setdefault(float(rec["T"]), []).append(rec)
+            k = rec.get("eval/k", k)
+    if not by:
+        return []
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for name, per_t in by.items():
+        ts = sorted(per_t, reverse=True)
+        xs = [_mean([x["eval/pass@1"] for x in per_t[t]]) for t in ts]
+        ys = [_mean([x["eval/pass@k"] for x in per_t[t]]) for t in ts]
+        ax.plot(xs, ys, marker="o", label=name)
+        ax.annotate(f"T={ts[0]:g}", (xs[0], ys[0]), fontsize=7, textcoords="offset points", xytext=(4, 4))
+    ax.set_xlabel("pass@1")
+    ax.set_ylabel(f"pass@{_fmt(k)}")
+    ax.set_title("Final policy at lower temperatures (T = " + ", ".join(
+        f"{t:g}" for t in sorted({t for v in by.values() for t in v}, reverse=True)) + ")")
+    ax.legend()
+    fig.tight_layout()
+    p = out_dir / "frontier.png"
+    fig.savefig(p, dpi=100)
+    plt.close(fig)
+    return [p]
+
+
 def _fmt(v: Any) -> str:
     if isinstance(v, float):
         return "nan" if math.isnan(v) else f"{v:.3f}"
@@ -249,6 +292,6 @@ def build_report(run_dir: str | Path, plots: bool = True) -> dict[str, Any]:
             import matplotlib  # noqa: F401
         except ImportError:
             return summary
-        paths = make_plots(runs, summary, root) + diagnostic_plots(runs, root)
+        paths = make_plots(runs, summary, root) + frontier_plot(runs, root) + diagnostic_plots(runs, root)
         write_html(summary, paths, root / "report.html")
     return summary

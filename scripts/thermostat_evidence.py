@@ -264,11 +264,30 @@ def sweep_frontiers(root: Path, methods: list[str], jobs: int) -> dict[str, list
     return out
 
 
+def _matched(fr: dict[str, list[list[dict]]]):
+    """For siren and steer (when both they and the thermostat have frontiers), at each temperature: (method, T, its
+    pass@1 (mean, se), {key: (its (mean, se), thermostat's (mean, se) at that pass@1, verdict)}) for pass@8 and
+    pass@32; verdict "above" / "below" when the standard errors do not overlap, else "overlap"."""
+    from rlvr_entropy.testbed.frontier import at_matched
+
+    th = fr.get("thermostat")
+    for r in ("siren", "steer"):
+        if r not in fr or not th:
+            continue
+        for i, t in enumerate(FRONTIER_TEMPS):
+            x = _mean_se([run[i]["eval/pass@1"] for run in fr[r]])
+            cmp = {}
+            for k in ("eval/pass@8", "eval/pass@32"):
+                ref = _mean_se([run[i][k] for run in fr[r]])
+                ours = _mean_se([at_matched(run, "eval/pass@1", x[0], k) for run in th])
+                cmp[k] = (ref, ours, "above" if ours[0] - ours[1] > ref[0] + ref[1] else
+                          "below" if ours[0] + ours[1] < ref[0] - ref[1] else "overlap")
+            yield r, t, x, cmp
+
+
 def frontier_section(fr: dict[str, list[list[dict]]], plot_path: Path | None = None) -> list[str]:
     """Markdown lines: pass@1 / pass@8 / pass@32 / entropy per temperature, and the thermostat's pass@k at the seed
     methods' pass@1 (matched point by point)."""
-    from rlvr_entropy.testbed.frontier import at_matched
-
     keys = [("eval/pass@1", "pass@1"), ("eval/pass@8", "pass@8"), ("eval/pass@32", "pass@32"),
             ("eval/entropy", "H")]
     lines = ["| method | T | seeds | " + " | ".join(k[1] for k in keys) + " |", "|---|---|---|" + "---|" * len(keys)]
@@ -284,20 +303,11 @@ def frontier_section(fr: dict[str, list[list[dict]]], plot_path: Path | None = N
               "over seeds). \"above\" = the standard errors do not overlap.", "",
               "| seed method | its T | its pass@1 | its pass@8 | thermostat pass@8 at that pass@1 | its pass@32 | "
               "thermostat pass@32 at that pass@1 |", "|---|---|---|---|---|---|---|"]
-    th = fr.get("thermostat")
-    for r in ("siren", "steer"):
-        if r not in fr or not th:
-            continue
-        for i, t in enumerate(FRONTIER_TEMPS):
-            x = _mean_se([run[i]["eval/pass@1"] for run in fr[r]])
-            cells = [f"{x[0]:.3f} ± {x[1]:.3f}"]
-            for k in ("eval/pass@8", "eval/pass@32"):
-                ref = _mean_se([run[i][k] for run in fr[r]])
-                ours = _mean_se([at_matched(run, "eval/pass@1", x[0], k) for run in th])
-                verdict = "above" if ours[0] - ours[1] > ref[0] + ref[1] else (
-                    "below" if ours[0] + ours[1] < ref[0] - ref[1] else "overlap")
-                cells += [f"{ref[0]:.3f} ± {ref[1]:.3f}", f"{ours[0]:.3f} ± {ours[1]:.3f} ({verdict})"]
-            lines.append(f"| {r} | {t:g} | " + " | ".join(cells) + " |")
+    for r, t, x, cmp in _matched(fr):
+        cells = [f"{x[0]:.3f} ± {x[1]:.3f}"]
+        for ref, ours, verdict in cmp.values():
+            cells += [f"{ref[0]:.3f} ± {ref[1]:.3f}", f"{ours[0]:.3f} ± {ours[1]:.3f} ({verdict})"]
+        lines.append(f"| {r} | {t:g} | " + " | ".join(cells) + " |")
     if plot_path is not None:
         import matplotlib
 
@@ -322,27 +332,15 @@ def frontier_section(fr: dict[str, list[list[dict]]], plot_path: Path | None = N
 def frontier_verdicts(fr: dict[str, list[list[dict]]]) -> list[str]:
     """One line per seed method: at how many of its temperatures the thermostat's pass@8 / pass@32 at the same
     pass@1 is above (standard errors do not overlap), overlapping, or below."""
-    from rlvr_entropy.testbed.frontier import at_matched
-
-    th = fr.get("thermostat")
-    out = []
-    for r in ("siren", "steer"):
-        if r not in fr or not th:
-            continue
-        counts = {"eval/pass@8": {"above": 0, "overlap": 0, "below": 0},
-                  "eval/pass@32": {"above": 0, "overlap": 0, "below": 0}}
-        for i in range(len(FRONTIER_TEMPS)):
-            x = _mean_se([run[i]["eval/pass@1"] for run in fr[r]])[0]
-            for k, c in counts.items():
-                ref = _mean_se([run[i][k] for run in fr[r]])
-                ours = _mean_se([at_matched(run, "eval/pass@1", x, k) for run in th])
-                c["above" if ours[0] - ours[1] > ref[0] + ref[1] else
-                  "below" if ours[0] + ours[1] < ref[0] - ref[1] else "overlap"] += 1
-        n = len(FRONTIER_TEMPS)
-        out.append(f"- at equal pass@1 (temperature frontier, {r}'s {n} temperatures): thermostat pass@8 above at "
-                   f"{counts['eval/pass@8']['above']}/{n} (below at {counts['eval/pass@8']['below']}), pass@32 "
-                   f"above at {counts['eval/pass@32']['above']}/{n} (below at {counts['eval/pass@32']['below']})")
-    return out
+    counts: dict[str, dict[str, dict[str, int]]] = {}
+    for r, _, _, cmp in _matched(fr):
+        for k, (_, _, verdict) in cmp.items():
+            c = counts.setdefault(r, {}).setdefault(k, {"above": 0, "overlap": 0, "below": 0})
+            c[verdict] += 1
+    n = len(FRONTIER_TEMPS)
+    return [f"- at equal pass@1 (temperature frontier, {r}'s {n} temperatures): thermostat pass@8 above at "
+            f"{c['eval/pass@8']['above']}/{n} (below at {c['eval/pass@8']['below']}), pass@32 above at "
+            f"{c['eval/pass@32']['above']}/{n} (below at {c['eval/pass@32']['below']})" for r, c in counts.items()]
 
 
 def goal_check(stats: dict) -> list[str]:

@@ -22,7 +22,10 @@ entropy, with a closed form that tracks the true first-order change poorly. Ther
    policy-gradient signal pushing the right way is untouched.
    Options: ``weight_max > 1`` first boosts the right-way tokens (one closed-form weight mu <= weight_max) and
    damps only what the boost cannot cover; ``protect="low_prob"`` lets only the high-probability quadrants give
-   way; ``damp_first`` orders the wrong-way tokens by advantage sign.
+   way; ``damp_first`` orders the wrong-way tokens by advantage sign; ``solved_at`` / ``damp_only`` /
+   ``control_only_unsolved`` split responses by their group's success rate (``TokenBatch.group_reward``);
+   ``anneal_start`` / ``sharpen`` add a final phase whose target descends, optionally lowered by a controlled
+   entropy penalty. Measured on the testbed, none of these beat the defaults (docs/methods/thermostat.md).
 4. Optionally (``restrict="siren"``) only SIREN's positions (top-p entropy, per-response peak), or (``"peak"``) the
    per-response peak of the full entropy, are eligible for damping, and the controlled quantity is the entropy at
    those positions: the deterministic parts of a response (arithmetic, formatting) may sharpen freely while the

@@ -251,13 +251,18 @@ def _sweep_one(run_dir: str) -> list[dict]:
     return temperature_sweep(run_dir, FRONTIER_TEMPS)
 
 
-def sweep_frontiers(root: Path, methods: list[str], jobs: int) -> dict[str, list[list[dict]]]:
-    """{method: [per-seed frontier records]} for the finished runs of ``methods`` under ``root`` (cached per run)."""
+def sweep_frontiers_dirs(dirs: list[Path], jobs: int) -> list[list[dict]]:
+    """Frontier records of each run directory (``jobs`` processes; cached per run)."""
     from concurrent.futures import ProcessPoolExecutor
 
-    dirs = [(m, d) for m in methods for d in sorted((root / m).glob("seed*")) if (d / "summary.json").exists()]
     with ProcessPoolExecutor(max_workers=max(1, jobs)) as ex:
-        recs = list(ex.map(_sweep_one, [str(d) for _, d in dirs]))
+        return list(ex.map(_sweep_one, [str(d) for d in dirs]))
+
+
+def sweep_frontiers(root: Path, methods: list[str], jobs: int) -> dict[str, list[list[dict]]]:
+    """{method: [per-seed frontier records]} for the finished runs of ``methods`` under ``root`` (cached per run)."""
+    dirs = [(m, d) for m in methods for d in sorted((root / m).glob("seed*")) if (d / "summary.json").exists()]
+    recs = sweep_frontiers_dirs([d for _, d in dirs], jobs)
     out: dict[str, list[list[dict]]] = {}
     for (m, _), r in zip(dirs, recs):
         out.setdefault(m, []).append(r)

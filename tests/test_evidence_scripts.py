@@ -160,3 +160,21 @@ def test_frontier_verdicts_count_each_temperature():
     assert lines == ["- at equal pass@1 (temperature frontier, steer's 4 temperatures): thermostat pass@8 above at "
                      "0/4 (below at 4), pass@32 above at 2/4 (below at 1)"]
     assert ev.frontier_verdicts({"siren": [seed]}) == []
+
+
+def test_design_frontier_gap_is_paired_by_seed(tmp_path, monkeypatch):
+    _fake_runs(tmp_path, {design.REFERENCE: [0.40, 0.50], "ramp0.7": [0.45, 0.60, 0.9]})
+    curves = {  # per (variant, seed): the default's T = 1 point, the variant's frontier through it
+        (design.REFERENCE, "seed0"): _curve([0.40, 0.44, 0.48, 0.52], [0.70, 0.69, 0.68, 0.67], [0.8] * 4),
+        (design.REFERENCE, "seed1"): _curve([0.50, 0.52, 0.54, 0.56], [0.60, 0.59, 0.58, 0.57], [0.8] * 4),
+        ("ramp0.7", "seed0"): _curve([0.36, 0.40, 0.44, 0.48], [0.75, 0.74, 0.73, 0.72], [0.8] * 4),
+        ("ramp0.7", "seed1"): _curve([0.46, 0.48, 0.50, 0.52], [0.70, 0.66, 0.62, 0.58], [0.8] * 4),
+    }
+    monkeypatch.setattr(ev, "sweep_frontiers_dirs",
+                        lambda dirs, jobs: [curves[(Path(d).parent.name, Path(d).name)] for d in dirs])
+    # seed0: at pass@1 0.40 the variant has 0.74 vs 0.70 -> +0.04; seed1: at 0.50 it has 0.62 vs 0.60 -> +0.02
+    m, se, n = design.frontier_gap("ramp0.7", tmp_path)
+    assert (m, se, n) == (pytest.approx(0.03), pytest.approx(0.01), 2)
+    assert design.frontier_gap(design.REFERENCE, tmp_path) is None
+    md = design.table([design.REFERENCE, "ramp0.7"], tmp_path, frontier=True)
+    assert md.splitlines()[3].endswith("| +0.030 ± 0.010 (2) |")

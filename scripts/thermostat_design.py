@@ -120,24 +120,25 @@ def _per_seed(name: str, out: Path) -> dict[str, dict]:
     return per
 
 
-def frontier_gap(name: str, out: Path, jobs: int = 1) -> tuple[float, float, int] | None:
-    """Paired frontier comparison with REFERENCE: per shared seed, the variant's pass@8 read off its temperature
-    frontier (ev.FRONTIER_TEMPS) at the reference's pass@1 at T = 1, minus the reference's pass@8 at T = 1; mean,
-    standard error and number of seeds (None without shared finished seeds)."""
+def frontier_gap(name: str, seeds: list[str], out: Path, jobs: int = 1) -> tuple[float, float, int] | None:
+    """Paired frontier comparison with REFERENCE over ``seeds`` (run directory names both rows finished): per seed,
+    the variant's pass@8 read off its temperature frontier (ev.FRONTIER_TEMPS) at the reference's pass@1 at T = 1,
+    minus the reference's pass@8 at T = 1; mean, standard error and number of seeds (None without seeds, or for
+    the reference itself)."""
     from rlvr_entropy.testbed.frontier import at_matched
 
-    seeds = sorted(set(_per_seed(name, out)) & set(_per_seed(REFERENCE, out)))
     if not seeds or name == REFERENCE:
         return None
-    fr = {n: dict(zip(seeds, ev.sweep_frontiers_dirs([out / n / s_ for s_ in seeds], jobs)))
-          for n in (REFERENCE, name)}
-    diffs = []
-    for s_ in seeds:
-        ref_t1 = fr[REFERENCE][s_][0]
-        diffs.append(at_matched(fr[name][s_], "eval/pass@1", ref_t1["eval/pass@1"], "eval/pass@8")
-                     - ref_t1["eval/pass@8"])
+    ref, var = (ev.sweep_frontiers_dirs([out / n / s_ for s_ in seeds], jobs) for n in (REFERENCE, name))
+    diffs = [at_matched(v, "eval/pass@1", r[0]["eval/pass@1"], "eval/pass@8") - r[0]["eval/pass@8"]
+             for r, v in zip(ref, var)]
     m, se = ev._mean_se(diffs)
     return m, se, len(diffs)
+
+
+def _paired_cell(m: float, se: float, n: int) -> str:
+    """A paired difference: mean, ± standard error (from 2 seeds on), and the number of seeds in brackets."""
+    return f"{m:+.3f}" + (f" ± {se:.3f}" if n > 1 else "") + f" ({n})"
 
 
 def table(names: list[str], out: Path, frontier: bool = False, jobs: int = 1) -> str:
@@ -161,10 +162,10 @@ def table(names: list[str], out: Path, frontier: bool = False, jobs: int = 1) ->
                 cells.append("")
                 continue
             m, se = ev._mean_se([per[s_][k] - ref[s_][k] for s_ in common])
-            cells.append(f"{m:+.3f}" + (f" ± {se:.3f}" if len(common) > 1 else "") + f" ({len(common)})")
+            cells.append(_paired_cell(m, se, len(common)))
         if frontier:
-            g = frontier_gap(n, out, jobs)
-            cells.append("" if g is None else f"{g[0]:+.3f}" + (f" ± {g[1]:.3f}" if g[2] > 1 else "") + f" ({g[2]})")
+            g = frontier_gap(n, common, out, jobs)
+            cells.append("" if g is None else _paired_cell(*g))
         lines.append(f"| {n} | {VARIANTS[n][1]} | {len(per)} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

@@ -173,8 +173,9 @@ def test_design_frontier_gap_is_paired_by_seed(tmp_path, monkeypatch):
     monkeypatch.setattr(ev, "sweep_frontiers_dirs",
                         lambda dirs, jobs: [curves[(Path(d).parent.name, Path(d).name)] for d in dirs])
     # seed0: at pass@1 0.40 the variant has 0.74 vs 0.70 -> +0.04; seed1: at 0.50 it has 0.62 vs 0.60 -> +0.02
-    m, se, n = design.frontier_gap("ramp0.7", tmp_path)
+    m, se, n = design.frontier_gap("ramp0.7", ["seed0", "seed1"], tmp_path)
     assert (m, se, n) == (pytest.approx(0.03), pytest.approx(0.01), 2)
-    assert design.frontier_gap(design.REFERENCE, tmp_path) is None
+    assert design.frontier_gap(design.REFERENCE, ["seed0", "seed1"], tmp_path) is None
+    assert design.frontier_gap("ramp0.7", [], tmp_path) is None
     md = design.table([design.REFERENCE, "ramp0.7"], tmp_path, frontier=True)
     assert md.splitlines()[3].endswith("| +0.030 ± 0.010 (2) |")

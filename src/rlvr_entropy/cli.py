@@ -280,13 +280,13 @@ def cmd_compare(args) -> int:
     return 0
 
 
-def _frontier_temps(text: str) -> list[float]:
+def _frontier_temps(text: str, flag: str = "--frontier") -> list[float]:
     try:
         temps = [float(t) for t in text.split(",") if t.strip()]
     except ValueError:
-        raise CLIError(f"--frontier must be comma-separated temperatures (or ''), got {text!r}") from None
+        raise CLIError(f"{flag} must be comma-separated temperatures (or ''), got {text!r}") from None
     if any(not (t > 0) for t in temps):
-        raise CLIError(f"--frontier temperatures must be positive, got {text!r}")
+        raise CLIError(f"{flag} temperatures must be positive, got {text!r}")
     return temps
 
 
@@ -321,10 +321,7 @@ def cmd_report(args) -> int:
 def cmd_frontier(args) -> int:
     from rlvr_entropy.testbed.frontier import temperature_sweep
 
-    try:
-        temps = [float(t) for t in args.temperatures.split(",") if t.strip()]
-    except ValueError:
-        raise CLIError(f"--temperatures must be comma-separated numbers, got {args.temperatures!r}") from None
+    temps = _frontier_temps(args.temperatures, "--temperatures")
     print(f"{'run':40s} {'T':>5s} {'pass@1':>8s} {'pass@8':>8s} {'pass@32':>8s} {'entropy':>8s}")
     for d in args.run_dirs:
         try:

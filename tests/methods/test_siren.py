@@ -258,28 +258,95 @@ def test_default_pg_part_is_official_runs():
 
 
 # --------------------------------------------------------------------------------------------- the anchor
-def test_anchor_set_once_from_first_batch_and_survives_resume():
+def _rows_with_tokens(leaves):
+    """The same leaves without the responses that have no valid token (the anchor does not count them)."""
+    keep = leaves["mask"].any(-1)
+    return {k: (x[keep] if isinstance(x, torch.Tensor) and x.dim() >= 1 and x.shape[0] == keep.numel() else x)
+            for k, x in leaves.items()}
+
+
+def test_anchor_measured_by_the_first_step_and_survives_resume():
     leaves, _ = make_leaves(seed=4)
     m = re.make_method("siren")
     out, grads = loss_and_grads(m, leaves, step=0)
-    a = m.state_dict()["anchor"]["value"]
-    assert a == pytest.approx(out.metrics["siren/selected_entropy"].item())
-    assert out.metrics["siren/anchor"] == a
-    assert out.metrics["siren/reg"].item() == 0.0  # at the anchor: no penalty, no gradient from it
+    assert not m.anchor.is_set and math.isnan(out.metrics["siren/anchor"])
+    assert out.metrics["siren/reg"].item() == 0.0  # the first step measures: no penalty, no gradient from it
     base, gbase = loss_and_grads(re.make_method("grpo", **m.config.pg_fields()), leaves)
     torch.testing.assert_close(grads["logits"], gbase["logits"], rtol=0, atol=0)
+    m.end_step()
+    a = m.state_dict()["anchor"]["value"]
+    h_sel = ref_selected_entropy(_rows_with_tokens(leaves)["logits"].detach(), _rows_with_tokens(leaves)["mask"])
+    assert a == pytest.approx(float(h_sel), abs=1e-9)
     leaves2, _ = make_leaves(seed=5)
     out2 = m.compute_loss(batch_from(leaves2), step=1)
-    assert m.state_dict()["anchor"]["value"] == a and out2.metrics["siren/reg"].item() > 0
+    assert out2.metrics["siren/anchor"] == a and out2.metrics["siren/reg"].item() > 0
+    m.end_step()
+    assert m.state_dict()["anchor"]["value"] == a  # set once
     # resume with state: the same anchor and the same loss
     resumed = re.make_method("siren")
     resumed.load_state_dict(m.state_dict())
     assert resumed.compute_loss(batch_from(leaves2), step=1).loss.item() == pytest.approx(out2.loss.item(), rel=1e-12)
-    # resume without anchor (a fresh method, no state): it measures a new anchor on its first batch
+    # resume without anchor (a fresh method, no state): it measures a new anchor on its first step
     fresh = re.make_method("siren")
     fresh.compute_loss(batch_from(leaves2), step=1)
-    assert fresh.state_dict()["anchor"]["value"] == pytest.approx(out2.metrics["siren/selected_entropy"].item())
+    fresh.end_step()
     assert fresh.state_dict()["anchor"]["value"] != a
+
+
+def test_anchor_does_not_depend_on_the_micro_batch_split():
+    leaves, _ = make_leaves(seed=14, B=6)
+    whole = re.make_method("siren")
+    whole.compute_loss(batch_from(leaves), step=0)
+    whole.end_step()
+    prepared = re.make_method("siren")
+    prepared.prepare(batch_from(leaves))
+    for cuts in ([2, 4], [1, 5], [3]):
+        m = re.make_method("siren")
+        bounds = [0, *cuts, 6]
+        for lo, hi in zip(bounds, bounds[1:]):
+            part = {k: (x[lo:hi] if isinstance(x, torch.Tensor) and x.dim() >= 1 and x.shape[0] == 6 else x)
+                    for k, x in leaves.items()}
+            out = m.compute_loss(batch_from(part), step=0)
+            assert out.metrics["siren/reg"].item() == 0.0
+        m.end_step()
+        assert m.anchor.value == pytest.approx(whole.anchor.value, rel=1e-12, abs=1e-15), cuts
+    assert prepared.anchor.value == pytest.approx(whole.anchor.value, rel=1e-12, abs=1e-15)
+
+
+def test_anchor_over_ranks_is_the_same_on_every_rank():
+    from tests.methods._world import FakeWorld
+
+    leaves, _ = make_leaves(seed=15, B=6)
+    whole = re.make_method("siren")
+    whole.prepare(batch_from(leaves))
+    parts = [slice(0, 1), slice(1, 6)]
+    world = FakeWorld(2)
+    methods = [re.make_method("siren") for _ in parts]
+    for r, m in enumerate(methods):
+        m.gather_fn = world.gather_fn(r)
+
+    def rank(r, how):
+        part = {k: (x[parts[r]] if isinstance(x, torch.Tensor) and x.dim() >= 1 and x.shape[0] == 6 else x)
+                for k, x in leaves.items()}
+        if how == "prepare":
+            return methods[r].prepare(batch_from(part))
+        methods[r].compute_loss(batch_from(part), step=0)
+        methods[r].end_step()
+        return methods[r].anchor.value
+
+    for how in ("prepare", "step"):
+        for m in methods:
+            m.anchor.value = None
+        values = world.run([lambda r=r: rank(r, how) for r in range(2)])
+        assert values[0] == values[1] == pytest.approx(whole.anchor.value, rel=1e-12), how
+
+
+def test_evaluation_does_not_measure_the_anchor():
+    leaves, _ = make_leaves(seed=16)
+    m = re.make_method("siren")
+    m.compute_loss(batch_from(leaves), step=0, observe=False)
+    m.end_step()
+    assert not m.anchor.is_set
 
 
 def test_all_masked_first_batch_does_not_set_the_anchor():
@@ -287,9 +354,11 @@ def test_all_masked_first_batch_does_not_set_the_anchor():
     empty = dict(leaves, mask=torch.zeros_like(leaves["mask"]))
     m = re.make_method("siren")
     out = m.compute_loss(batch_from(empty), step=0)
+    m.end_step()
     assert out.loss.item() == 0.0 and not m.anchor.is_set and math.isnan(out.metrics["siren/anchor"])
     assert m.prepare(batch_from(empty)) is None
     m.compute_loss(batch_from(leaves), step=1)
+    m.end_step()
     assert m.anchor.is_set
 
 
@@ -317,8 +386,11 @@ def test_loaded_unset_anchor_is_measured_again():
     m = re.make_method("siren", anchor_value=2.0)
     m.load_state_dict({"anchor": {"value": None}})
     leaves, _ = make_leaves(seed=13)
-    out = m.compute_loss(batch_from(leaves))
-    assert m.anchor.value == pytest.approx(out.metrics["siren/selected_entropy"].item())
+    out = m.compute_loss(batch_from(leaves))  # no step: the call is a step
+    rows = _rows_with_tokens(leaves)
+    assert out.metrics["siren/reg"].item() == 0.0
+    assert m.anchor.value == pytest.approx(float(ref_selected_entropy(rows["logits"].detach(), rows["mask"])),
+                                           abs=1e-9)
 
 
 # --------------------------------------------------------------------------------------------- other checks

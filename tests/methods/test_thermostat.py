@@ -2,6 +2,8 @@
 stats.predicted_entropy_change, and a closed-loop property on a tabular bandit."""
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -12,11 +14,19 @@ from rlvr_entropy.methods.thermostat import boost_weight, damping_weight, predic
 from tests.helpers import batch_from, make_leaves
 
 
+def _primed(name, cfg, batch):
+    """A method whose controller has measured ``batch`` for one step (the thermostat acts from the next step)."""
+    m = re.make_method(name, **cfg)
+    m.compute_loss(batch.with_(log_prob=batch.log_prob.detach()))  # no step given: the call is a step
+    return m
+
+
 def _grad(logits, lp0, adv, mask, name, **cfg):
-    """d loss / d log_prob and the metrics of one method on a batch at ratio 1 (log_prob = old_log_prob = lp0)."""
+    """d loss / d log_prob and the metrics of one method on a batch at ratio 1 (log_prob = old_log_prob = lp0),
+    in the step after one that measured the same batch."""
     lp = lp0.clone().requires_grad_(True)
     b = re.TokenBatch(log_prob=lp, old_log_prob=lp0, advantages=adv, mask=mask, logits=logits)
-    out = re.make_method(name, **cfg).compute_loss(b)
+    out = _primed(name, cfg, b).compute_loss(b)
     out.loss.backward()
     return lp.grad, out.metrics
 
@@ -344,7 +354,7 @@ def _grad_groups(logits, lp0, adv, mask, group_reward, **cfg):
     lp = lp0.clone().requires_grad_(True)
     b = re.TokenBatch(log_prob=lp, old_log_prob=lp0, advantages=adv, mask=mask, logits=logits,
                       group_reward=group_reward)
-    out = re.make_method("thermostat", **cfg).compute_loss(b)
+    out = _primed("thermostat", cfg, b).compute_loss(b)
     out.loss.backward()
     return lp.grad, out.metrics
 
@@ -418,9 +428,9 @@ def test_pi_anneal_segment_by_hand():
 
 
 def _grad_logits(logits, lp_tok, adv, mask, steps, **cfg):
-    """d loss / d logits at the last of ``steps`` calls (ratio 1), and its metrics."""
+    """d loss / d logits in the step after ``steps`` controller updates (ratio 1), and its metrics."""
     m = re.make_method("thermostat", **cfg)
-    for k in range(steps):
+    for k in range(steps + 1):
         z = logits.clone().requires_grad_(True)
         lp = torch.log_softmax(z, -1).gather(-1, lp_tok[..., None]).squeeze(-1)
         b = re.TokenBatch(log_prob=lp, old_log_prob=lp.detach(), advantages=adv, mask=mask, logits=z)
@@ -493,9 +503,11 @@ def test_config_validation():
 def test_default_target_ramps_from_first_measurement_to_0_7_over_40_steps():
     leaves, _ = make_leaves(seed=13, B=3, T=6, V=9)
     m = re.make_method("thermostat")
-    targets = [m.compute_loss(batch_from(leaves), step=k).metrics["thermostat/target"] for k in range(45)]
+    targets = [m.compute_loss(batch_from(leaves), step=k).metrics["thermostat/target"] for k in range(46)]
     h0 = m.pi.target_start
-    # the target is read after the update of its step: step k has moved k + 1 of the 40 ramp steps
+    assert math.isnan(targets[0])  # nothing measured before the first step
+    # step k + 1 applies the update at the end of step k: it has moved k + 1 of the 40 ramp steps
+    targets = targets[1:]
     assert targets[0] == pytest.approx(h0 * (1 - 0.3 / 40))
     assert targets[19] == pytest.approx(h0 * (1 - 0.3 * 20 / 40))
     assert targets[39:] == pytest.approx([0.7 * h0] * 6)
@@ -505,6 +517,7 @@ def test_default_target_ramps_from_first_measurement_to_0_7_over_40_steps():
     m = re.make_method("thermostat", target=2.0, target_end=1.0)
     for k in range(40):
         m.compute_loss(batch_from(leaves), step=k)
+        m.end_step()
     assert m.pi.target == pytest.approx(1.0)
     m = re.make_method("thermostat", target=2.0, schedule_steps=None)
     for k in range(5):
@@ -514,10 +527,11 @@ def test_default_target_ramps_from_first_measurement_to_0_7_over_40_steps():
 
 def test_restrict_to_siren_positions_damps_only_selected():
     leaves, _ = make_leaves(seed=12, B=4, T=10, V=9)
-    m = re.make_method("thermostat", restrict="siren", target=50.0, kp=1.0)  # far below target: u = 1 (saturated)
-    out = m.compute_loss(batch_from(leaves))
+    # far below target: u = 1 (saturated) from the second step
+    out = _primed("thermostat", dict(restrict="siren", target=50.0, kp=1.0), batch_from(leaves)).compute_loss(
+        batch_from(leaves))
     assert out.metrics["thermostat/u"] == 1.0
-    full = re.make_method("thermostat", target=50.0, kp=1.0).compute_loss(batch_from(leaves))
+    full = _primed("thermostat", dict(target=50.0, kp=1.0), batch_from(leaves)).compute_loss(batch_from(leaves))
     assert out.metrics["thermostat/damped_frac"] < full.metrics["thermostat/damped_frac"]
 
 

@@ -1,11 +1,11 @@
 """Adaptive entropy bonus with Skywork-OR1's controller (arXiv 2505.22312, section 3.2.4).
 
-Once per optimizer step (the first call with a new ``step``):
+At the end of every optimizer step (``Method.end_step``):
 
-    H   = token-mean entropy of the batch's valid tokens (detached; every rank's tokens when ``gather_fn`` is set)
+    H   = token-mean entropy of the step's valid tokens (detached; every micro-batch of the step, every rank)
     c  <- clip(c + delta if H < H_target else c - delta, c_min, c_max)
 
-and on every call of that step
+and on every call of the next step
 
     L = L_PG - c * 1[H < H_target] * agg(H_t)
 
@@ -14,16 +14,14 @@ c in [0, 0.005], c_0 = 0. The coefficient lives in an :class:`~rlvr_entropy.cont
 exposed through ``controllers()`` (saved by ``state_dict()``). ``coef_max = 0`` is exactly grpo.
 
 Deviations from the paper / official code:
-- Order: measure, update, then apply the updated c (methods.md's reading). If the paper's alpha_k = c_k 1[e_k <
-  target] means c before the update with e_k (from memory, not checked), the applied coefficient here is one step
-  of delta ahead of it (at most 1e-4 with the defaults). TRL 1.16 (``use_adaptive_entropy``) applies the coefficient
-  and gate from the end of the previous step (one step of lag, no bonus in the first step), measures H over the
-  whole gradient-accumulation window and compares with ``<=``; here H is the first micro-batch's entropy (all
-  ranks' first micro-batches with ``gather_fn``).
+- Order: as TRL 1.16 (``use_adaptive_entropy``): the coefficient and gate applied in step k come from the entropy
+  measured over step k - 1's whole batch (every micro-batch of the accumulation window, every rank), so there is
+  no bonus in the first step. TRL compares with ``<=``, Skywork-OR1 (and this module) with ``<``; they differ only
+  when H equals the target exactly.
 - H is the mean entropy of the full next-token distribution under the current parameters
   (``TokenBatch.current_entropy``); how Skywork-OR1's trainer measures e_k (which batch, before or after the
   update) was not checked. On-policy, at the first micro-batch, current and rollout policy agree.
-- A step whose first batch has no valid token (on every rank) leaves the controller unchanged.
+- A step with no valid token (on every rank) leaves the controller unchanged.
 """
 from __future__ import annotations
 
@@ -34,19 +32,7 @@ import torch
 from rlvr_entropy.controllers.adaptive import AdaptiveCoefficient
 from rlvr_entropy.core.aggregation import masked_mean, masked_sum
 from rlvr_entropy.core.validation import check_float
-from rlvr_entropy.methods.base import GatherFn, Method, PGConfig, register_method
-
-
-@torch.no_grad()
-def measure_entropy(entropy: torch.Tensor, mask: torch.Tensor, gather_fn: GatherFn | None = None) -> float | None:
-    """Token-mean of ``entropy`` [B, T] over ``mask`` (bool [B, T]), over every rank when ``gather_fn`` (an
-    all-gather concatenating 1-D tensors) is given; None when there is no valid token anywhere."""
-    e = entropy.detach().to(torch.float64)
-    local = torch.stack([masked_sum(e, mask), mask.sum().to(torch.float64)])  # [2]: sum, count
-    if gather_fn is not None:  # a collective: every rank calls it, even with no valid token
-        local = gather_fn(local).reshape(-1, 2).sum(0)
-    total, count = (float(v) for v in local)
-    return None if count == 0 else total / count
+from rlvr_entropy.methods.base import Method, PGConfig, register_method
 
 
 @dataclass(frozen=True)
@@ -79,6 +65,7 @@ class AdaptiveEntropyConfig(PGConfig):
 class AdaptiveEntropy(Method):
     name = "adaptive_entropy"
     Config = AdaptiveEntropyConfig
+    observes = ("entropy_sum", "tokens")
 
     def __init__(self, config=None, **overrides):
         super().__init__(config, **overrides)
@@ -94,10 +81,7 @@ class AdaptiveEntropy(Method):
 
     def _loss(self, batch, *, new_step):
         h = batch.current_entropy(self.name)                 # [B, T], with gradient when given / from logits
-        if new_step:
-            measured = measure_entropy(h, batch.mask, self.gather_fn)
-            if measured is not None:
-                self.ctrl.update(measured)
+        self.observe(entropy_sum=masked_sum(h.detach().to(torch.float64), batch.mask), tokens=batch.mask.sum())
         active = self.ctrl.active()
         coef = self.ctrl.coef if active else 0.0
         terms = self.pg_terms(batch)
@@ -111,6 +95,9 @@ class AdaptiveEntropy(Method):
             "entropy": masked_mean(h.detach(), batch.mask),
             "active": float(active),
         })
-        if self.ctrl.last_entropy is not None:
-            metrics["measured_entropy"] = self.ctrl.last_entropy
+        metrics["measured_entropy"] = float("nan") if self.ctrl.last_entropy is None else self.ctrl.last_entropy
         return loss, metrics
+
+    def _update(self, sums):
+        if sums["tokens"] > 0:
+            self.ctrl.update(sums["entropy_sum"] / sums["tokens"])

@@ -8,16 +8,15 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Any, Callable, ClassVar
+from typing import Any, ClassVar
 
 import torch
 
 from rlvr_entropy.core.aggregation import AGG_MODES, agg_loss, masked_mean
 from rlvr_entropy.core.batch import LossOutput, TokenBatch
+from rlvr_entropy.core.dist import Collective, FnCollective, GatherFn, LocalCollective
 from rlvr_entropy.core.surrogate import PGTerms, ppo_token_loss
 from rlvr_entropy.core.validation import check_choice, check_float, check_int
-
-GatherFn = Callable[[torch.Tensor], torch.Tensor]
 
 
 @dataclass(frozen=True)
@@ -51,7 +50,21 @@ class PGConfig:
 
 
 class Method:
-    """Base class. Subclasses set ``name``, ``Config`` and implement ``_loss``."""
+    """Base class. Subclasses set ``name``, ``Config`` and implement ``_loss``.
+
+    The step protocol (every engine follows it; see docs/engines/):
+
+    * ``compute_loss(batch, step=..., observe=True)`` on each micro-batch: the loss uses the controller state as it
+      stands; what controllers measure (``observes``) is added to this step's running sums.
+    * ``end_step()`` once per optimizer step, on every rank, after the optimizer step: the sums are reduced over
+      every process through ``dist`` (one collective of a fixed-size tensor) and the controllers update from the
+      whole global batch of the step. Every rank therefore holds the same state, whatever the data each saw and
+      however the step was split into micro-batches.
+    * Evaluation passes ``observe=False``: it never changes controller state.
+
+    A caller that passes no ``step`` gets one step per call (``end_step`` runs right after the loss); a call with a
+    new ``step`` value closes the previous step first if its engine did not.
+    """
 
     name: ClassVar[str] = ""
     Config: ClassVar[type[PGConfig]] = PGConfig
@@ -63,6 +76,8 @@ class Method:
     smooth_in_inputs: ClassVar[bool] = True
     #: Batch fields the method reads only under stop-gradient (e.g. entropy used for a mask or an advantage bonus).
     detached_inputs: ClassVar[tuple[str, ...]] = ()
+    #: Names of the sums the controllers measure over a step (reduced with a sum over every process).
+    observes: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, config: PGConfig | None = None, **overrides: Any) -> None:
         if config is None:
@@ -72,28 +87,84 @@ class Method:
         if not isinstance(config, self.Config):
             raise ValueError(f"config for {self.name!r} must be a {self.Config.__name__}, got {type(config).__name__}")
         self.config = config
-        #: Optional all-gather used by methods with a "global" scope (e.g. torch.distributed); identity when unset.
-        self.gather_fn: GatherFn | None = None
+        #: The processes this method's statistics span (set by the engine; one process by default).
+        self.dist: Collective = LocalCollective()
         self._step: int | None = None
         self._calls = 0
+        self._observing = False
+        self._open = False  # a step has observations not yet reduced
+        self._sums = torch.zeros(len(self.observes), dtype=torch.float64)
+
+    # ------------------------------------------------------------------------------- distributed hook
+    @property
+    def gather_fn(self) -> GatherFn | None:
+        """All-gather of ``dist`` (None on one process): what "global" scopes and quantiles use."""
+        return self.dist.all_gather if self.dist.is_distributed else None
+
+    @gather_fn.setter
+    def gather_fn(self, fn: GatherFn | None) -> None:
+        self.dist = LocalCollective() if fn is None else FnCollective(fn)
+
+    def set_collective(self, dist: Collective | None) -> "Method":
+        """Set the processes this method's statistics span (None: this process only); returns self."""
+        if dist is not None and not isinstance(dist, Collective):
+            raise ValueError(f"dist must be a rlvr_entropy.core.dist.Collective or None, got {type(dist).__name__}")
+        self.dist = LocalCollective() if dist is None else dist
+        return self
 
     # --------------------------------------------------------------------------------------- public API
-    def compute_loss(self, batch: TokenBatch, *, step: int | None = None) -> LossOutput:
-        """Loss of one (micro-)batch. ``step`` is the optimizer step: controllers update once per step
-        (once per call when ``step`` is None)."""
+    def compute_loss(self, batch: TokenBatch, *, step: int | None = None, observe: bool = True) -> LossOutput:
+        """Loss of one (micro-)batch with the controller state as it stands. ``observe=False`` (evaluation) leaves
+        every controller untouched. ``step`` is the optimizer step, for callers that do not call
+        :meth:`end_step` themselves: a new value closes the previous step; None makes every call a step."""
         if not isinstance(batch, TokenBatch):
             raise ValueError(f"batch must be a TokenBatch, got {type(batch).__name__}")
+        if not isinstance(observe, bool):
+            raise ValueError(f"observe must be a bool, got {observe!r}")
         for f in self.needs:
             batch.require(f, self.name)
         new_step = step is None or step != self._step
-        self._step = step
+        if observe and new_step and self._open:
+            self.end_step()
+        if observe:
+            self._step = step
         self._calls += 1
-        loss, metrics = self._loss(batch, new_step=new_step)
+        self._observing = observe
+        try:
+            loss, metrics = self._loss(batch, new_step=new_step)
+        finally:
+            self._observing = False
+        if observe:
+            self._open = True
         if loss.dim() != 0:
             raise RuntimeError(f"{self.name}: loss must be 0-dim")
         if not bool(torch.isfinite(loss.detach())):
             raise ValueError(f"{self.name}: the loss is not finite ({float(loss)}); check the batch and config")
+        if observe and step is None:
+            self.end_step()
         return LossOutput(loss=loss, metrics={f"{self.name}/{k}": v for k, v in metrics.items()})
+
+    def observe(self, **sums: torch.Tensor | float) -> None:
+        """Add to this step's running sums (names from ``observes``); a no-op outside a training call."""
+        if not self._observing:
+            return
+        for k, v in sums.items():
+            if k not in self.observes:
+                raise ValueError(f"{self.name}: {k!r} is not one of the declared observations {self.observes}")
+            i = self.observes.index(k)
+            self._sums[i] += float(v.detach().to(torch.float64).sum()) if isinstance(v, torch.Tensor) else float(v)
+
+    def end_step(self) -> dict[str, float]:
+        """Close the optimizer step: reduce this step's sums over every process (one collective when the method
+        observes anything; every rank must call it) and update the controllers. Returns the reduced sums."""
+        sums: dict[str, float] = {}
+        if self.observes:
+            total = self.dist.all_reduce_sum(self._sums)
+            sums = {k: float(v) for k, v in zip(self.observes, total.tolist())}
+            self._sums = torch.zeros(len(self.observes), dtype=torch.float64)
+            self._update(sums)
+        self._open = False
+        return sums
 
     def state_dict(self) -> dict[str, Any]:
         return {k: c.state_dict() for k, c in self.controllers().items()}
@@ -106,6 +177,8 @@ class Method:
         for k, c in ctrls.items():
             if k in state:
                 c.load_state_dict(state[k])
+        self._sums = torch.zeros(len(self.observes), dtype=torch.float64)
+        self._open = False
 
     def controllers(self) -> dict[str, Any]:
         """Stateful pieces (anchors, adaptive coefficients), saved with checkpoints."""
@@ -120,6 +193,9 @@ class Method:
     # ------------------------------------------------------------------------------------- for subclasses
     def _loss(self, batch: TokenBatch, *, new_step: bool) -> tuple[torch.Tensor, dict[str, Any]]:
         raise NotImplementedError
+
+    def _update(self, sums: dict[str, float]) -> None:
+        """Update the controllers from one step's sums over every process (the names in ``observes``)."""
 
     def pg_terms(self, batch: TokenBatch, advantages: torch.Tensor | None = None) -> PGTerms:
         c = self.config

@@ -10,19 +10,26 @@ arXiv 2509.25133; official code github.com/Linn3a/siren at fa59a8d, verl/verl/wo
    values: the set is a constant).
 3. H_sel = (1/B) sum_i [sum_t M H_p / sum_t M] (:func:`selected_entropy`); a row with no selected token
    contributes 0 and still counts in B.
-4. A: the anchor, measured once with the initial policy at the first training step (no gradient), kept in an
+4. A: the anchor, measured once with the initial policy on the whole first training step (every micro-batch,
+   every rank: the mean over responses of their H_sel, no gradient), kept in an
    :class:`~rlvr_entropy.controllers.Anchor` that is saved with checkpoints.
 
 PG part as in the official runs: PPO clip 0.2 / 0.2, dual-clip 3, seq-mean-token-sum-norm over the maximum
 response length 3072, no KL.
 
-The anchor: an engine that micro-batches should call :meth:`Siren.prepare` once with the whole first rollout batch
-(logits included) before the first ``compute_loss``; that measures A on the whole batch, as the paper does. Without
-it the first ``compute_loss`` call measures A on its own (micro-)batch (its penalty is then exactly 0).
+The anchor: an engine that holds the whole first rollout batch with its logits may call :meth:`Siren.prepare` with
+it (on every rank) before the first ``compute_loss``; that measures A on the whole global batch, as the paper does.
+Without it the first optimizer step measures A: its micro-batches carry no penalty (the anchor is not known yet)
+and add their responses' H_sel to the step's sums, and ``end_step`` sets A from the sums of every rank. Either way
+A does not depend on how the batch is split into micro-batches or ranks.
 
 Deviations from the paper / official code:
 - The anchor is part of ``state_dict()`` and survives a resume (the official code measures it again after a
   restart, with the current policy instead of the initial one).
+- Without ``prepare``, the first optimizer step has no penalty: the official code measures A on the first batch and
+  applies (H_sel - A)^2 in the same step, whose gradient is 0 when that batch is a single micro-batch and small
+  otherwise. A response with no valid token does not count in the anchor's mean (it does in the official B), so
+  padding rows cannot move it.
 - The official runs sum size-weighted squared deviations over micro-batches; here H_sel and the penalty are
   computed per ``compute_loss`` call, i.e. per micro-batch. The regularizer therefore depends on the micro-batch
   split (a square of a mean is not a mean of squares); with one micro-batch per step it is the paper's formula.
@@ -159,6 +166,7 @@ class Siren(Method):
     name = "siren"
     Config = SirenConfig
     needs = ("logits",)
+    observes = ("h_sel_sum", "responses")
 
     def __init__(self, config=None, **overrides):
         super().__init__(config, **overrides)
@@ -193,16 +201,31 @@ class Siren(Method):
         sel = self.selection(h, batch.mask)
         return _row_mean_over(h, sel), h, sel
 
+    def _response_sums(self, h: torch.Tensor, sel: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(sum over responses with a valid token of their H_sel, number of such responses): the anchor's sums."""
+        h = h.detach().to(torch.float64)
+        row = torch.where(sel, h, torch.zeros((), dtype=h.dtype, device=h.device)).sum(-1) / sel.sum(-1).clamp(min=1)
+        has = mask.any(-1)
+        return row[has].sum(), has.sum()
+
     @torch.no_grad()
     def prepare(self, batch: TokenBatch) -> float | None:
         """Measure the anchor on a whole rollout batch (with its logits), before micro-batching; call it once at
-        the first training step. Does nothing when the anchor is already set (given in the config, measured
-        earlier, or restored from a checkpoint), when ``use_anchor=False``, or when the batch has no valid token.
-        Returns the anchor (None if still unset)."""
-        if self.config.use_anchor and not self.anchor.is_set and bool(batch.mask.any()):
-            h_sel, _, _ = self.regularized_entropy(batch)
-            self.anchor.set(float(h_sel))
+        the first training step, on every rank (a collective through ``dist`` unless the anchor is already set).
+        Does nothing when the anchor is already set (given in the config, measured earlier, or restored from a
+        checkpoint) or when ``use_anchor=False``; leaves it unset when no rank has a valid token. Returns the anchor
+        (None if still unset)."""
+        if self.config.use_anchor and not self.anchor.is_set:
+            _, h, sel = self.regularized_entropy(batch)
+            s, n = self._response_sums(h, sel, batch.mask)
+            total, count = self.dist.all_reduce_sum(torch.stack([s, n.to(torch.float64)])).tolist()
+            if count > 0:
+                self.anchor.set(total / count)
         return self.anchor.value
+
+    def _update(self, sums):
+        if self.config.use_anchor and not self.anchor.is_set and sums["responses"] > 0:
+            self.anchor.set(sums["h_sel_sum"] / sums["responses"])
 
     # -------------------------------------------------------------------------------------------- loss
     def _loss(self, batch, *, new_step):
@@ -210,11 +233,11 @@ class Siren(Method):
         terms = self.pg_terms(batch)
         pg = self.aggregate(terms.loss, batch.mask)
         h_sel, h, sel = self.regularized_entropy(batch)
-        if c.use_anchor:
-            if not self.anchor.is_set and bool(batch.mask.any()):
-                self.anchor.set(float(h_sel.detach()))  # first step, no prepare(): measured on this batch
-            a = self.anchor.value if self.anchor.is_set else 0.0
-            reg = c.beta * (h_sel - a) ** 2
+        if c.use_anchor and self.anchor.is_set:
+            reg = c.beta * (h_sel - self.anchor.value) ** 2
+        elif c.use_anchor:  # first step without prepare(): no penalty, the step measures the anchor
+            self.observe(**dict(zip(self.observes, self._response_sums(h, sel, batch.mask))))
+            reg = h_sel * 0.0
         else:
             reg = -c.beta * h_sel
         loss = pg + reg

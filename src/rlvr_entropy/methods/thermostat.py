@@ -31,6 +31,10 @@ entropy, with a closed form that tracks the true first-order change poorly. Ther
    those positions: the deterministic parts of a response (arithmetic, formatting) may sharpen freely while the
    forking positions keep their entropy.
 
+The controller's step: the PI update runs in ``Method.end_step``, once per optimizer step, from the controlled
+entropy measured over that step's whole batch (every micro-batch, every rank); step k's weights use the u computed
+at the end of step k - 1 (none in the first step, which measures H0).
+
 Design notes (why this form): the efficient allocation is the least distortion of the policy gradient (weighted
 by each token's coefficient) that buys the requested entropy correction, with one closed-form scalar per batch;
 every allocation reduces to GRPO exactly when u = 0 (at or above a floor target, or kp = ki = 0). Weights never
@@ -322,6 +326,7 @@ class Thermostat(Method):
     Config = ThermostatConfig
     needs = ("logits",)
     smooth_in_inputs = False  # weights are detached functions of log_prob and logits
+    observes = ("entropy_sum", "tokens")
 
     def __init__(self, config=None, **overrides):
         super().__init__(config, **overrides)
@@ -364,8 +369,7 @@ class Thermostat(Method):
             shield = {"all": None, "solved": mask & ~unsolved, "unsolved": unsolved}[c.damp_only]
         # the controlled quantity: token-mean entropy over the eligible positions (all valid tokens by default)
         h_now = masked_mean(h_tok, eligible)
-        if new_step and bool(eligible.any()):
-            self.pi.update(float(h_now))
+        self.observe(entropy_sum=torch.where(eligible, h_tok.to(torch.float64), 0.0).sum(), tokens=eligible.sum())
         first = None if c.damp_first == "none" else (adv < 0 if c.damp_first == "negative" else adv > 0)
         u = self.pi.u
         beta = 0.0
@@ -407,3 +411,7 @@ class Thermostat(Method):
                 "weight_mean": masked_mean(w, mask),
             })
         return loss, metrics
+
+    def _update(self, sums):
+        if sums["tokens"] > 0:  # the controlled quantity over the whole step, every rank
+            self.pi.update(sums["entropy_sum"] / sums["tokens"])

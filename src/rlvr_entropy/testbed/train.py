@@ -466,6 +466,7 @@ def _train(method_name, cfg, out_dir, method_overrides, resume, progress, use_ca
                 for k, v in {"loss": lo.loss.detach(), "grad_norm": gn, **lo.metrics}.items():
                     agg[k] = agg.get(k, 0.0) + float(_jsonable(v))
                 n_mb += 1
+        method.end_step()  # controllers update from the whole rollout step (every minibatch)
         valid_h = s.entropy[s.mask].float()
         pct = (torch.quantile(valid_h, torch.tensor([0.1, 0.5, 0.9])).tolist() if valid_h.numel()
                else [float("nan")] * 3)

@@ -18,6 +18,9 @@ rewards         [B]          optional; scalar reward per response (W-REINFORCE r
 group_reward    [B]          optional; mean reward of the response's group (the prompt's GRPO group, all its
                              samples), i.e. the group success rate for 0/1 rewards (thermostat's
                              ``hard_below`` reads this)
+group_reward_std [B]         optional; unbiased (n - 1) standard deviation of the rewards of the response's group,
+                             0 for a group of one (with group_reward and group_size: the GRPO statistics)
+group_size      [B]          optional; number of responses in the response's group (>= 1)
 =============== ============ ==========================================================================
 
 Values at padded positions are never read: they may be anything, NaN included, and never receive gradient.
@@ -48,6 +51,8 @@ class TokenBatch:
     ref_log_prob: torch.Tensor | None = None
     rewards: torch.Tensor | None = None
     group_reward: torch.Tensor | None = None
+    group_reward_std: torch.Tensor | None = None
+    group_size: torch.Tensor | None = None
     _cache: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -78,12 +83,16 @@ class TokenBatch:
             if self.logits.dim() != 3 or tuple(self.logits.shape[:2]) != (B, T):
                 raise ValueError(f"logits must have shape [B, T, V] = [{B}, {T}, V], got {list(self.logits.shape)}")
             check_finite_where("logits", self.logits, self.mask)
-        for name in ("rewards", "group_reward"):
+        for name in ("rewards", "group_reward", "group_reward_std", "group_size"):
             x = getattr(self, name)
             if x is not None:
                 check_tensor(name, x)
                 check_shape(name, x, (B,))
                 check_finite_where(name, x, None)
+        if self.group_reward_std is not None and bool((self.group_reward_std < 0).any()):
+            raise ValueError("group_reward_std must be >= 0")
+        if self.group_size is not None and bool((self.group_size < 1).any()):
+            raise ValueError("group_size must be >= 1")
 
     # ------------------------------------------------------------------ helpers
     @property
@@ -127,7 +136,7 @@ class TokenBatch:
         """A copy with some fields replaced (validated again)."""
         fields = {k: getattr(self, k) for k in
                   ("log_prob", "old_log_prob", "advantages", "mask", "logits", "entropy", "old_entropy",
-                   "ref_log_prob", "rewards", "group_reward")}
+                   "ref_log_prob", "rewards", "group_reward", "group_reward_std", "group_size")}
         fields.update(changes)
         return TokenBatch(**fields)
 

@@ -2,6 +2,7 @@
 saved with checkpoints by the engines through ``Method.state_dict()``."""
 from rlvr_entropy.controllers.anchor import Anchor
 from rlvr_entropy.controllers.adaptive import AdaptiveCoefficient
+from rlvr_entropy.controllers.band import BandState
 from rlvr_entropy.controllers.entropic import EntroPICController
 
-__all__ = ["Anchor", "AdaptiveCoefficient", "EntroPICController"]
+__all__ = ["Anchor", "AdaptiveCoefficient", "BandState", "EntroPICController"]

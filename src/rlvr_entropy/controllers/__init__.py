@@ -4,5 +4,6 @@ from rlvr_entropy.controllers.anchor import Anchor
 from rlvr_entropy.controllers.adaptive import AdaptiveCoefficient
 from rlvr_entropy.controllers.band import BandState
 from rlvr_entropy.controllers.entropic import EntroPICController
+from rlvr_entropy.controllers.lagged import LaggedValue
 
-__all__ = ["Anchor", "AdaptiveCoefficient", "BandState", "EntroPICController"]
+__all__ = ["Anchor", "AdaptiveCoefficient", "BandState", "EntroPICController", "LaggedValue"]

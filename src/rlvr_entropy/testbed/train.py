@@ -30,7 +30,7 @@ from typing import Any
 import torch
 
 from rlvr_entropy.testbed.metrics import distinct_correct, maj_at_k, mean_pass_at_k
-from rlvr_entropy.testbed.model import ModelConfig, build_model, sample
+from rlvr_entropy.testbed.model import ModelConfig, Samples, build_model, sample
 from rlvr_entropy.testbed.tasks import Problem, Task, final_answer, get_task
 from rlvr_entropy.testbed.tokenizer import CharTokenizer
 
@@ -311,6 +311,51 @@ def _prepare_method(method, batch) -> None:
             return
 
 
+def _group_stats(rewards: torch.Tensor, group: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(group mean, unbiased group std (0 for a group of one), group size), each [N], for groups of ``group``
+    consecutive responses."""
+    r = rewards.view(-1, group)
+    std = r.std(1) if group > 1 else torch.zeros(r.shape[0], dtype=r.dtype)
+    rep = lambda x: x.repeat_interleave(group)  # noqa: E731
+    return rep(r.mean(1)), rep(std), torch.full_like(rewards, float(group))
+
+
+def _extra_rollout(method, model, task, tok, problems, prompts, s, rewards, adv, cfg, gen):
+    """For methods with ``rollout_plan`` / ``assemble`` (AEPO): generate the plan's first prompts again at its
+    temperature, score them with GRPO advantages in their own groups, and return the update rollout (prompts,
+    samples, rewards, advantages, group mean / std / size) whose first k rows are the method's selected samples
+    (advantage 1) followed by the main rows k..; their old log-probs and entropies are recomputed at the training
+    temperature (same weights)."""
+    from rlvr_entropy.stats import entropy as entropy_fn
+
+    G = cfg.samples_per_prompt
+    plan = method.rollout_plan(len(problems))
+    sub = problems[:plan.num_prompts]
+    xp = _encode_prompts(tok, sub).repeat_interleave(G, 0) if sub else prompts[:0]
+    if sub:
+        sx = sample(model, xp, task.max_response_len, tok.eos_id, tok.pad_id, plan.temperature, gen)
+        rx = torch.tensor(_score(task, tok, sub, sx.tokens, G)[1], dtype=torch.float32)
+    else:
+        sx, rx = Samples(s.tokens[:0], s.mask[:0], s.log_prob[:0], s.entropy[:0]), rewards[:0]
+    upd = method.assemble(adv, grpo_advantages(rx, G, True) if sub else adv[:0])
+    e, keep = upd.extra_rows, upd.main_rows
+    mx, lpx, hx = sx.mask[e], sx.log_prob[e], sx.entropy[e]
+    if e.numel():
+        with torch.no_grad():
+            lg = _response_logits(model, xp[e], sx.tokens[e], cfg.temperature)
+            lpx = torch.where(mx, torch.log_softmax(lg, -1).gather(-1, sx.tokens[e][..., None]).squeeze(-1), 0.0)
+            hx = torch.where(mx, entropy_fn(lg, mask=mx), 0.0)
+    T = max(s.tokens.shape[1], sx.tokens.shape[1])
+    cat = lambda a, b, fill: torch.cat([torch.nn.functional.pad(x, (0, T - x.shape[1]), value=fill)  # noqa: E731
+                                        for x in (a, b)])
+    samples = Samples(cat(sx.tokens[e], s.tokens[keep], tok.pad_id), cat(mx, s.mask[keep], False),
+                      cat(lpx, s.log_prob[keep], 0.0), cat(hx, s.entropy[keep], 0.0))
+    stats = [torch.cat([a[e], b[keep]]) for a, b in zip(_group_stats(rx, G) if sub else (rx, rx, rx),
+                                                         _group_stats(rewards, G))]
+    return (torch.cat([xp[e], prompts[keep]]), samples, torch.cat([rx[e], rewards[keep]]),
+            upd.advantages.to(adv.dtype), *stats)
+
+
 def train(method_name: str, cfg: TrainConfig, out_dir: str | os.PathLike, method_overrides: dict | None = None,
           resume: bool = True, progress: bool = True, use_cache: bool = True, threads: int | None = 1
           ) -> dict[str, Any]:
@@ -427,6 +472,11 @@ def _train(method_name, cfg, out_dir, method_overrides, resume, progress, use_ca
         rewards = torch.tensor(ok, dtype=torch.float32)  # [N]
         adv = grpo_advantages(rewards, G, cfg.adv_std_norm)  # [N]
         group_reward = rewards.view(-1, G).mean(1).repeat_interleave(G)  # [N] success rate of each group
+        _, group_std, group_size = _group_stats(rewards, G)
+        rollout = rewards, s  # what the step's record reports
+        if callable(getattr(method, "rollout_plan", None)):  # AEPO: the update batch gets extra samples
+            prompts, s, rewards, adv, group_reward, group_std, group_size = _extra_rollout(
+                method, model, task, tok, problems, prompts, s, rewards, adv, cfg, gen)
         t_gen = time.time() - t0
         if step == 1 and start == 0:
             with torch.no_grad():
@@ -434,7 +484,12 @@ def _train(method_name, cfg, out_dir, method_overrides, resume, progress, use_ca
                 _prepare_method(method, TokenBatch(log_prob=s.log_prob, old_log_prob=s.log_prob, advantages=adv,
                                                    mask=s.mask, logits=lg, entropy=entropy_fn(lg, mask=s.mask),
                                                    old_entropy=s.entropy, rewards=rewards,
-                                                   group_reward=group_reward))
+                                                   group_reward=group_reward, group_reward_std=group_std,
+                                                   group_size=group_size))
+        if callable(getattr(method, "begin_step", None)):  # entrocraft: the step decides with its own entropy
+            method.begin_step(TokenBatch(log_prob=s.log_prob, old_log_prob=s.log_prob, advantages=adv, mask=s.mask,
+                                         old_entropy=s.entropy, rewards=rewards, group_reward=group_reward,
+                                         group_reward_std=group_std, group_size=group_size))
         N = prompts.shape[0]
         mb = N // cfg.minibatches
         agg: dict[str, float] = {}
@@ -456,7 +511,8 @@ def _train(method_name, cfg, out_dir, method_overrides, resume, progress, use_ca
                 batch = TokenBatch(log_prob=logp, old_log_prob=s.log_prob[idx, :T], advantages=adv[idx], mask=m,
                                    logits=logits, entropy=entropy_fn(logits, mask=m),
                                    old_entropy=s.entropy[idx, :T], ref_log_prob=ref, rewards=rewards[idx],
-                                   group_reward=group_reward[idx])
+                                   group_reward=group_reward[idx], group_reward_std=group_std[idx],
+                                   group_size=group_size[idx])
                 lo = method.compute_loss(batch, step=step)
                 opt.zero_grad(set_to_none=True)
                 lo.loss.backward()
@@ -467,6 +523,7 @@ def _train(method_name, cfg, out_dir, method_overrides, resume, progress, use_ca
                     agg[k] = agg.get(k, 0.0) + float(_jsonable(v))
                 n_mb += 1
         method.end_step()  # controllers update from the whole rollout step (every minibatch)
+        rewards, s = rollout
         valid_h = s.entropy[s.mask].float()
         pct = (torch.quantile(valid_h, torch.tensor([0.1, 0.5, 0.9])).tolist() if valid_h.numel()
                else [float("nan")] * 3)

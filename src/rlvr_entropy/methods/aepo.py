@@ -77,9 +77,10 @@ def aepo_temperature(entropy: float, target: float = 0.5, t_high: float = 1.2, t
 
 def aepo_num_samples(entropy: float, kept: int, target: float = 0.5, reinforce_sample_num: int = 60) -> int:
     """k = min(reinforce_sample_num, kept), halved (integer division) when H_prev > H_target (lines 804-807)."""
-    check_int("kept", kept, lo=0)
-    check_int("reinforce_sample_num", reinforce_sample_num, lo=0)
-    k = min(reinforce_sample_num, kept)
+    for name, v in (("kept", kept), ("reinforce_sample_num", reinforce_sample_num)):
+        if isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < 0:
+            raise ValueError(f"{name} must be an int >= 0, got {v!r}")
+    k = min(int(reinforce_sample_num), int(kept))
     return k if _entropy(entropy) <= target else k // 2
 
 

@@ -88,9 +88,12 @@ def entropy_band(step: int, total_steps: int, lower: Sequence[float], upper: Seq
     l0 + (l1 - l0) * s / S; cosine with progress 0.5 (1 - cos(pi s / S)); constant (l0, u0). Not clamped to s <= S
     (the official extrapolates)."""
     check_choice("schedule", schedule, SCHEDULES)
-    check_int("total_steps", total_steps, lo=1)
-    if isinstance(step, bool) or not isinstance(step, numbers.Integral):
-        raise ValueError(f"step must be an int, got {step!r}")
+    for name, v in (("step", step), ("total_steps", total_steps)):
+        if isinstance(v, bool) or not isinstance(v, numbers.Integral):
+            raise ValueError(f"{name} must be an int, got {v!r}")
+    if total_steps < 1:
+        raise ValueError(f"total_steps must be >= 1, got {total_steps!r}")
+    step, total_steps = int(step), int(total_steps)
     (l0, l1), (u0, u1) = _range("lower", lower), _range("upper", upper)
     if schedule == "constant":
         return l0, u0

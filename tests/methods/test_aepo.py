@@ -157,3 +157,23 @@ def test_validation_names_the_argument():
         aepo_update_rows(torch.zeros(2, 2, 2), torch.zeros(3), entropy=0.1)
     with pytest.raises(ValueError, match="num_prompts"):
         re.make_method("aepo").rollout_plan(-1)
+
+
+def test_testbed_runs_the_surgery(tmp_path, monkeypatch):
+    """The lean loop asks for the plan, generates the extra samples at its temperature and trains on the assembled
+    batch (a parity reward so that some temperature samples qualify)."""
+    import json
+
+    from rlvr_entropy.testbed.tasks import Task
+    from rlvr_entropy.testbed.train import TrainConfig, train
+
+    monkeypatch.setattr(Task, "verify", lambda self, p, r: len(r) % 2 == 0)
+    monkeypatch.setenv("RLVR_ENTROPY_CACHE", str(tmp_path / "cache"))
+    cfg = TrainConfig(steps=3, width=32, layers=1, heads=2, mlp=64, warm_start_steps=0, prompts_per_step=8,
+                      samples_per_prompt=4, eval_problems=4, eval_samples=2, eval_k=2, eval_every=3,
+                      checkpoint_every=0)
+    train("aepo", cfg, tmp_path / "run", method_overrides={"reinforce_sample_num": 3}, progress=False)
+    rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()][1:]
+    assert rows[0]["aepo/temperature"] == 1.2 and rows[0]["aepo/h_prev"] == 0.0
+    assert any(r["aepo/reinforce_samples"] > 0 for r in rows)
+    assert all(r["aepo/h_prev"] > 0 for r in rows[1:])          # measured on the previous step's update batch

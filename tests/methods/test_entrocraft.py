@@ -270,3 +270,20 @@ def test_validation_names_the_argument():
         entrocraft_advantages(R, G, step=1, total_steps=0, entropy=0.5)
     with pytest.raises(ValueError, match="old_entropy"):
         _m().compute_loss(_batch(0.5).with_(old_entropy=None))
+
+
+def test_testbed_decides_each_step_with_its_own_rollout_entropy(tmp_path, monkeypatch):
+    import json
+
+    from rlvr_entropy.testbed.train import TrainConfig, train
+
+    monkeypatch.setenv("RLVR_ENTROPY_CACHE", str(tmp_path / "cache"))
+    cfg = TrainConfig(steps=2, width=32, layers=1, heads=2, mlp=64, warm_start_steps=0, prompts_per_step=4,
+                      samples_per_prompt=4, eval_problems=4, eval_samples=2, eval_k=2, eval_every=2,
+                      checkpoint_every=0)
+    train("entrocraft", cfg, tmp_path / "run", method_overrides={"total_steps": 2}, progress=False)
+    rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()][1:]
+    for step, r in enumerate(rows, start=1):
+        assert r["entrocraft/step"] == step
+        assert r["entrocraft/measured_entropy"] == pytest.approx(r["entropy"], rel=1e-5)  # same step, no lag
+        assert r["entrocraft/branch"] == 1.0          # a random model's entropy (~3 nats) is far above the band

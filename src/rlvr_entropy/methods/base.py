@@ -61,6 +61,9 @@ class Method:
       whole global batch of the step. Every rank therefore holds the same state, whatever the data each saw and
       however the step was split into micro-batches.
     * Evaluation passes ``observe=False``: it never changes controller state.
+    * Optionally, ``begin_step(rollout_batch)`` once per step before its micro-batches, on every rank, with this
+      rank's whole rollout (no logits needed): for methods that decide the step from its own rollout (entrocraft).
+      A method that has such a hook works without it too (it then decides from the previous step's observations).
 
     A caller that passes no ``step`` gets one step per call (``end_step`` runs right after the loss); a call with a
     new ``step`` value closes the previous step first if its engine did not.
@@ -153,6 +156,11 @@ class Method:
                 raise ValueError(f"{self.name}: {k!r} is not one of the declared observations {self.observes}")
             i = self.observes.index(k)
             self._sums[i] += float(v.detach().to(torch.float64).sum()) if isinstance(v, torch.Tensor) else float(v)
+
+    def begin_step(self, batch: TokenBatch) -> Any:
+        """Start a step with this rank's whole rollout batch (see the class docstring); a no-op by default. Methods
+        that override it make it a collective through ``dist``: every rank calls it once per step."""
+        return None
 
     def end_step(self) -> dict[str, float]:
         """Close the optimizer step: reduce this step's sums over every process (one collective when the method

@@ -17,12 +17,15 @@ plain formula would; -inf logits (tokens masked out of the vocabulary) are fine.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 
 from rlvr_entropy.core.validation import check_float, check_int, check_tensor
 
-__all__ = ["entropy", "top_p_entropy", "predicted_entropy_change", "nucleus_size", "default_chunk_size"]
+__all__ = ["entropy", "top_p_entropy", "predicted_entropy_change", "nucleus_size", "default_chunk_size",
+           "entropy_change_terms", "predicted_entropy_change_from_terms", "clamped_entropy", "kept_count",
+           "proxy_log_mass", "Stat", "STAT_KINDS", "compute_stat"]
 
 _CHUNK_ELEMENTS = 1 << 21  # ~8 MiB of float32 per [chunk, V] temporary (a block stays in cache)
 
@@ -107,6 +110,30 @@ def _entropy_block(blk: torch.Tensor, ybuf: torch.Tensor, ebuf: torch.Tensor):
         dot = torch.where(ei > 0, ei * yi, torch.zeros((), dtype=y.dtype, device=y.device)).sum(-1)
         h[i] = logs[i] - dot / ssum[i]
     return h, mx, logs, neg_inf_rows
+
+
+def _entropy_second_block(blk: torch.Tensor, ybuf: torch.Tensor, ebuf: torch.Tensor):
+    """:func:`_entropy_block` plus second = sum_v pi_v^2 (log pi_v + H) per row -> (H, max, log S, neg_inf_rows,
+    second), each [r]: the terms of the exact first-order entropy change (see :func:`entropy_change_terms`).
+
+    Reuses what _entropy_block leaves in the scratch blocks (e = exp(y) in ebuf, e y in ybuf): with
+    log pi + H = y - <e, y> / S = y - (log S - H), second = (sum e^2 y - (log S - H) sum e^2) / S^2 (two more passes
+    over the cached block instead of a second log-softmax). Rows holding -inf logits use the safe form.
+    """
+    r = blk.shape[0]
+    h, mx, logs, neg_inf = _entropy_block(blk, ybuf, ebuf)
+    e, ye = ebuf[:r], ybuf[:r]
+    r2 = torch.mul(ye, e, out=ye).sum(-1)         # sum e^2 y
+    q2 = torch.mul(e, e, out=ye).sum(-1)          # sum e^2
+    second = (r2 - (logs - h) * q2) / torch.exp(2 * logs)
+    if bool(neg_inf.any()):
+        i = neg_inf.nonzero().squeeze(1)
+        ei = e[i]
+        yi = blk[i] - mx[i, None]
+        zero = torch.zeros((), dtype=e.dtype, device=e.device)
+        r2i = torch.where(ei > 0, ei * ei * yi, zero).sum(-1)
+        second[i] = (r2i - (logs[i] - h[i]) * (ei * ei).sum(-1)) / torch.exp(2 * logs[i])
+    return h, mx, logs, neg_inf, second
 
 
 class _Entropy(torch.autograd.Function):
@@ -461,23 +488,58 @@ def _top_p_forward(z, valid, p, K, inclusive, chunk):
         h.fill_(float(h0[0]))
         m.fill_(int(m0[0]))  # thr stays +inf there: nothing kept in the backward, the gradient is zero
     for s, e, rows, blk in _blocks(z, valid, chunk, cd):
-        probs = _softmax_into(blk, buf[:blk.shape[0]])
-        pmax = probs.amax(-1)
-        fin = torch.isfinite(pmax)  # NaN or +inf logits, or an all -inf row: NaN out, NaN gradient
-        if bool(fin.all()):
-            mb, tb, sb, hb, lb, xb = _nucleus_block(blk, probs, pmax, p, K, inclusive)
-        else:
-            fi = fin.nonzero().squeeze(1)
-            nan = torch.full_like(pmax, math.nan)
-            mb, tb, sb = torch.zeros_like(pmax, dtype=torch.long), nan.clone(), torch.ones_like(fin)
-            hb, lb, xb = nan.clone(), nan.clone(), nan.clone()
-            if fi.numel():
-                part = _nucleus_block(blk[fi], probs[fi], pmax[fi], p, K, inclusive)
-                for dst, src in zip((mb, tb, sb, hb, lb, xb), part):
-                    dst[fi] = src
+        mb, tb, sb, hb, lb, xb = _top_p_rows(blk, _softmax_into(blk, buf[:blk.shape[0]]), p, K, inclusive)
         for dst, src in ((h, hb), (ls, lb), (thr, tb), (m, mb), (simple, sb), (mxs, xb)):
             _fill_rows(dst, s, e, rows, src)
     return h, m, thr, simple, ls, mxs
+
+
+def _top_p_rows(blk: torch.Tensor, probs: torch.Tensor, p: float, K: int, inclusive: bool):
+    """Nucleus of every row of blk [r, V] (any logits) -> (m, thr, simple, h, ls, mx), each [r] (see
+    _nucleus_block). probs [r, V]: torch.softmax(blk, -1). Rows whose softmax is undefined (NaN or +inf logits, or
+    all -inf) get NaN (h, thr, ls, mx), m = 0 and simple = True: NaN out, NaN gradient."""
+    pmax = probs.amax(-1)
+    fin = torch.isfinite(pmax)
+    if bool(fin.all()):
+        return _nucleus_block(blk, probs, pmax, p, K, inclusive)
+    fi = fin.nonzero().squeeze(1)
+    nan = torch.full_like(pmax, math.nan)
+    mb, tb, sb = torch.zeros_like(pmax, dtype=torch.long), nan.clone(), torch.ones_like(fin)
+    hb, lb, xb = nan.clone(), nan.clone(), nan.clone()
+    if fi.numel():
+        part = _nucleus_block(blk[fi], probs[fi], pmax[fi], p, K, inclusive)
+        for dst, src in zip((mb, tb, sb, hb, lb, xb), part):
+            dst[fi] = src
+    return mb, tb, sb, hb, lb, xb
+
+
+def _top_p_grad_rows(blk: torch.Tensor, h: torch.Tensor, ls: torch.Tensor, thr: torch.Tensor, m: torch.Tensor,
+                     simple: torch.Tensor, mx: torch.Tensor, gh: torch.Tensor):
+    """Gradient of sum_i gh_i H_p,i with respect to blk [r, V], from the forward's per-row values (each [r]).
+
+    dH/dz_v = -q_v (log q_v + H) on the nucleus, 0 elsewhere (the nucleus is a constant set), recomputed as
+    {z >= the m-th largest logit} (ties broken by index only in rows holding more ties than needed). Returns
+    (ri, ci, vals): the nonzero entries, when the nucleus is sparse (at most 1/8 of the block), else
+    (None, None, dense [r, V]). Rows with a NaN forward value are not special-cased here (the caller sets them)."""
+    cd = blk.dtype
+    # Rows with m <= 1 have H = 0 identically; a -inf threshold keeps every finite logit (q = 0 for the rest).
+    thr_b = torch.where(m > 1, thr, torch.full_like(thr, math.inf))
+    thr_b = torch.where(thr_b == -math.inf, torch.full_like(thr_b, torch.finfo(cd).min), thr_b)
+    simple = simple | (m <= 1) | (thr == -math.inf)
+    kept_count = torch.where(thr_b < math.inf, m, torch.zeros_like(m))
+    keep = blk >= thr_b[:, None]
+    hard = ~simple
+    if bool(hard.any()):
+        i = hard.nonzero().squeeze(1)
+        keep[i] = _kept(blk[i], thr[i], m[i])
+    if int(kept_count.sum()) * 8 <= keep.numel():  # sparse nucleus: work on the kept entries only
+        ri, ci = keep.nonzero().unbind(1)
+        y = (blk[ri, ci] - mx[ri]) - ls[ri]  # log q
+        return ri, ci, -(gh[ri] * y.exp()) * (y + h[ri])
+    # wide nucleus (e.g. top_k=None): dense block arithmetic
+    y = (blk - mx[:, None]).sub_(ls[:, None])  # log q (<= 0 off the nucleus too)
+    g = y.exp().mul_(y.add_(h[:, None])).mul_(-gh[:, None])
+    return None, None, torch.where(keep, g, torch.zeros((), dtype=cd, device=blk.device))
 
 
 class _TopPEntropy(torch.autograd.Function):
@@ -498,28 +560,13 @@ class _TopPEntropy(torch.autograd.Function):
         gh = gh.to(cd)
         grad = torch.zeros_like(z)
         nan_rows = torch.isnan(h)
-        # Rows with m <= 1 have H = 0 identically; a -inf threshold keeps every finite logit (q = 0 for the rest).
-        thr_b = torch.where(m > 1, thr, torch.full_like(thr, math.inf))
-        thr_b = torch.where(thr_b == -math.inf, torch.full_like(thr_b, torch.finfo(cd).min), thr_b)
-        simple = simple | (m <= 1) | (thr == -math.inf)
-        kept_count = torch.where(thr_b < math.inf, m, torch.zeros_like(m))
         for s, e, rows, blk in _blocks(z, valid, ctx.chunk, cd):
             sel = slice(s, e) if rows is None else rows + s
-            keep = blk >= thr_b[sel][:, None]
-            hard = ~simple[sel]
-            if bool(hard.any()):
-                i = hard.nonzero().squeeze(1)
-                keep[i] = _kept(blk[i], thr[sel][i], m[sel][i])
-            if int(kept_count[sel].sum()) * 8 <= keep.numel():  # sparse nucleus: work on the kept entries only
-                ri, ci = keep.nonzero().unbind(1)
-                y = (blk[ri, ci] - mx[sel][ri]) - ls[sel][ri]  # log q
-                g = -(gh[sel][ri] * y.exp()) * (y + h[sel][ri])
+            ri, ci, g = _top_p_grad_rows(blk, h[sel], ls[sel], thr[sel], m[sel], simple[sel], mx[sel], gh[sel])
+            if ri is not None:
                 gr = ri if rows is None else rows[ri]
                 grad[s:e][gr, ci] = g.to(z.dtype)
-            else:  # wide nucleus (e.g. top_k=None): dense block arithmetic
-                y = (blk - mx[sel][:, None]).sub_(ls[sel][:, None])  # log q (<= 0 off the nucleus too)
-                g = y.exp().mul_(y.add_(h[sel][:, None])).mul_(-gh[sel][:, None])
-                g = torch.where(keep, g, torch.zeros((), dtype=cd, device=z.device))
+            else:
                 _fill_rows(grad, s, e, rows, g.to(z.dtype))
             bad = nan_rows[sel]
             if bool(bad.any()):
@@ -629,6 +676,13 @@ def entropy_change_terms(logits: torch.Tensor, mask: torch.Tensor | None = None,
     return h.reshape(lead), second.reshape(lead)
 
 
+def _change_from_terms(logp_a, h, second, w, form):
+    p_a = logp_a.exp()
+    if form == "exact":
+        return -w * (p_a * (logp_a + h) - second)
+    return -w * (1 - p_a) ** 2 * (logp_a + h)
+
+
 @torch.no_grad()
 def predicted_entropy_change(logits: torch.Tensor, token_ids: torch.Tensor, coef: torch.Tensor,
                              form: str = "exact", *, mask: torch.Tensor | None = None,
@@ -662,11 +716,304 @@ def predicted_entropy_change(logits: torch.Tensor, token_ids: torch.Tensor, coef
     h, second, lse = _change_terms(z, valid, chunk_size)
     z_a = z.gather(1, ids[:, None]).squeeze(1).to(h.dtype)  # [N]: no copy of the logits
     logp_a = torch.where(ok, z_a, torch.zeros_like(z_a)) - lse  # invalid rows read as zeros, like _rows
-    p_a = logp_a.exp()
-    if form == "exact":
-        out = -w * (p_a * (logp_a + h) - second)
-    else:
-        out = -w * (1 - p_a) ** 2 * (logp_a + h)
+    out = _change_from_terms(logp_a, h, second, w, form)
     if valid is not None:
         out = torch.where(valid, out, torch.zeros_like(out))
     return out.reshape(lead)
+
+
+def predicted_entropy_change_from_terms(log_prob: torch.Tensor, entropy: torch.Tensor, second: torch.Tensor,
+                                        coef: torch.Tensor, form: str = "exact", *,
+                                        mask: torch.Tensor | None = None) -> torch.Tensor:
+    """:func:`predicted_entropy_change` from per-position terms instead of logits: log_prob (log pi_a of the
+    sampled token), entropy (H) and second (sum_k pi_k^2 (log pi_k + H), see :func:`entropy_change_terms`), coef,
+    all [...] -> [...]. The same formula; what an engine uses when the terms come from a tiled LM-head pass
+    (:mod:`rlvr_entropy.kernels`). No gradient; positions outside ``mask`` give 0 (NaN there never leaks)."""
+    if form not in ("exact", "steer"):
+        raise ValueError(f"form must be one of ['exact', 'steer'], got {form!r}")
+    for name, x in (("log_prob", log_prob), ("entropy", entropy), ("second", second), ("coef", coef)):
+        check_tensor(name, x)
+        if tuple(x.shape) != tuple(log_prob.shape):
+            raise ValueError(f"{name} must have shape {list(log_prob.shape)} (that of log_prob), got {list(x.shape)}")
+    with torch.no_grad():
+        cd = _compute_dtype(torch.promote_types(log_prob.dtype, entropy.dtype))
+        ok = torch.ones_like(log_prob, dtype=torch.bool) if mask is None else mask.to(torch.bool)
+        if mask is not None and tuple(mask.shape) != tuple(log_prob.shape):
+            raise ValueError(f"mask must have shape {list(log_prob.shape)}, got {list(mask.shape)}")
+        zero = torch.zeros((), dtype=cd, device=log_prob.device)
+        lp, h, s2, w = (torch.where(ok, x.detach().to(cd), zero) for x in (log_prob, entropy, second, coef))
+        if bool((~torch.isfinite(torch.stack([lp, h, s2, w])))[:, ok].any()):
+            raise ValueError("log_prob, entropy, second and coef must be finite at valid positions")
+        return torch.where(ok, _change_from_terms(lp, h, s2, w, form), zero)
+
+
+# ------------------------------------------------------------------------ clamped entropy (AEnt)
+def kept_count(vocab: int, clamp_fraction: float) -> int:
+    """Number of logits AEnt keeps per position: V - floor(clamp_fraction * V), at least 1."""
+    n_drop = math.floor(clamp_fraction * vocab + 1e-9)  # 1e-9: 0.3 * 10 must drop 3, not 2
+    return max(1, vocab - n_drop)
+
+
+def _kept_top(blk: torch.Tensor, thr: torch.Tensor, n_keep: int) -> torch.Tensor:
+    """bool [c, V]: the n_keep largest logits of each row of blk [c, V], given thr [c] = the n_keep-th largest.
+
+    {z >= thr} is the kept set unless more than one logit equals thr at the boundary; only those rows go through
+    the index tie rule of ``_kept`` (the first tied entries in vocabulary order are kept)."""
+    keep = blk >= thr[:, None]
+    over = keep.sum(-1) > n_keep
+    if bool(over.any()):
+        i = over.nonzero().squeeze(1)
+        keep[i] = _kept(blk[i], thr[i], torch.full_like(i, n_keep))
+    return keep
+
+
+def _clamped_rows(blk: torch.Tensor, n_keep: int):
+    """Clamped entropy of every row of blk [c, V] -> (H, thr, lse), each [c]: thr the n_keep-th largest logit
+    (kthvalue), lse the logsumexp of the kept set. With y = z - max z and e = exp(y) on the kept set, S = sum e:
+    H = log S - sum e y / S."""
+    V = blk.shape[-1]
+    t = torch.kthvalue(blk, V - n_keep + 1, dim=-1).values                 # [c] n_keep-th largest
+    keep = _kept_top(blk, t, n_keep)                                       # bool [c, V]
+    mx = blk.amax(-1)                                                      # [c] (always kept)
+    y = blk - mx[:, None]                                                  # [c, V]
+    ex = torch.exp(y).masked_fill_(~keep, 0)                               # e on the kept set, else 0
+    y.masked_fill_(ex == 0, 0)                                             # no 0 * -inf below
+    ssum = ex.sum(-1)                                                      # [c]
+    logs = ssum.log()
+    return logs - ex.mul_(y).sum(-1) / ssum, t, mx + logs
+
+
+def _clamped_grad_rows(blk: torch.Tensor, thr: torch.Tensor, lse: torch.Tensor, h: torch.Tensor, gh: torch.Tensor,
+                       n_keep: int) -> torch.Tensor:
+    """Gradient of sum_i gh_i H_i (clamped entropy) with respect to blk [c, V]: -q (log q + H) gh on the kept set,
+    0 elsewhere (exactly 0, never 0 * -inf), recomputed from the forward's thr, lse, H [c]."""
+    keep = _kept_top(blk, thr, n_keep)
+    g = blk - lse[:, None]                                                 # log q on the kept set
+    q = torch.exp(g).masked_fill_(~keep, 0)
+    g.add_(h[:, None]).masked_fill_(q == 0, 0)
+    return g.mul_(q).mul_(-gh[:, None])                                    # -q (log q + H) * dL/dH
+
+
+class _ClampedEntropy(torch.autograd.Function):
+    """Entropy of the softmax restricted to the n_keep largest logits of each row of z [N, V].
+
+    Forward, per block of ``chunk`` rows: :func:`_clamped_rows`. Saved: z and three [N] vectors (threshold,
+    logsumexp of the kept set, H). The backward recomputes the kept set block by block and writes
+    dH/dz_v = -q_v (log q_v + H) on it (:func:`_clamped_grad_rows`), so no [N, V] temporary exists.
+    """
+
+    @staticmethod
+    def forward(ctx, z, valid, n_keep, chunk):
+        cd = _compute_dtype(z.dtype)
+        N, V = z.shape
+        h = torch.zeros(N, dtype=cd, device=z.device)
+        thr = torch.zeros(N, dtype=cd, device=z.device)
+        lse = torch.zeros(N, dtype=cd, device=z.device)
+        for s in range(0, N, chunk):
+            e = min(s + chunk, N)
+            h[s:e], thr[s:e], lse[s:e] = _clamped_rows(_rows(z, valid, s, e, cd), n_keep)
+        ctx.save_for_backward(z, valid if valid is not None else torch.empty(0, dtype=torch.bool), h, thr, lse)
+        ctx.n_keep, ctx.chunk, ctx.has_valid = n_keep, chunk, valid is not None
+        return h
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, gh):
+        z, valid, h, thr, lse = ctx.saved_tensors
+        valid = valid if ctx.has_valid else None
+        cd = h.dtype
+        gh = gh.to(cd)
+        N = z.shape[0]
+        grad = torch.empty_like(z)
+        for s in range(0, N, ctx.chunk):
+            e = min(s + ctx.chunk, N)
+            g = _clamped_grad_rows(_rows(z, valid, s, e, cd), thr[s:e], lse[s:e], h[s:e], gh[s:e], ctx.n_keep)
+            if valid is not None:
+                g.masked_fill_(~valid[s:e, None], 0)
+            grad[s:e] = g.to(z.dtype)
+        return grad, None, None, None
+
+
+def clamped_entropy(logits: torch.Tensor, clamp_fraction: float, *, mask: torch.Tensor | None = None,
+                    chunk_size: int | None = None) -> torch.Tensor:
+    """AEnt's clamped entropy (arXiv 2509.03493). logits [..., V] -> [...], differentiable, chunked over positions.
+
+    Drops the floor(clamp_fraction * V) lowest logits of each position (ties broken by vocabulary index), takes the
+    softmax of the rest and returns its entropy in nats. ``clamp_fraction = 0`` is :func:`entropy`.
+    Positions outside ``mask`` (optional bool [...]) are treated as all-zero logits and get zero gradient (NaN there
+    never leaks). Half-precision logits are computed in float32 (output float32, gradient in the logits' dtype).
+    """
+    check_float("clamp_fraction", clamp_fraction, lo=0.0, hi=1.0, hi_open=True)
+    check_int("chunk_size", chunk_size, lo=1, allow_none=True)
+    if clamp_fraction == 0:
+        return entropy(logits, mask=mask, chunk_size=chunk_size)
+    z, valid, lead = _flatten(logits, mask)
+    V = z.shape[-1]
+    chunk = chunk_size or default_chunk_size(V)
+    return _ClampedEntropy.apply(z, valid, kept_count(V, clamp_fraction), chunk).reshape(lead)
+
+
+# ------------------------------------------------------------------------ min-p proxy mass (Lp-Reg)
+def _proxy_rows(blk: torch.Tensor, log_kappa: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(log Z, log max pi) of every row of blk [c, V]: Z the mass of the tokens with pi >= kappa * max pi."""
+    lse = torch.logsumexp(blk, -1)                                       # [c]
+    mx = blk.amax(-1)                                                    # [c]
+    kept = blk.masked_fill(blk < (mx + log_kappa)[:, None], -math.inf)   # pi >= kappa * max pi
+    return torch.logsumexp(kept, -1) - lse, mx - lse
+
+
+@torch.no_grad()
+def proxy_log_mass(logits: torch.Tensor, kappa: float, *, mask: torch.Tensor | None = None,
+                   chunk_size: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(log Z, log max pi), two [...] tensors, from logits [..., V]; no gradient; chunked over positions.
+
+    Z = sum of pi(v) over the tokens with pi(v) >= kappa * max pi (Lp-Reg's min-p proxy: its kept mass, <= 1);
+    max pi is the largest probability. Positions outside ``mask`` [...] (bool) are skipped and get 0 (Z = 1,
+    max pi = 1); NaN there never leaks. Computed in float32 (float64 for float64 logits), ``chunk_size`` positions
+    at a time (default ``default_chunk_size(V)``), so only a few [chunk, V] temporaries exist at once.
+    """
+    check_tensor("logits", logits)
+    if logits.dim() < 1 or logits.shape[-1] < 1:
+        raise ValueError(f"logits must have shape [..., V] with V >= 1, got {list(logits.shape)}")
+    check_float("kappa", kappa, lo=0.0, hi=1.0, lo_open=True)
+    check_int("chunk_size", chunk_size, lo=1, allow_none=True)
+    lead = logits.shape[:-1]
+    V = logits.shape[-1]
+    z = logits.detach().reshape(-1, V)
+    cd = torch.float64 if z.dtype == torch.float64 else torch.float32
+    log_z = torch.zeros(z.shape[0], dtype=cd, device=z.device)
+    log_max = torch.zeros(z.shape[0], dtype=cd, device=z.device)
+    if mask is None:
+        rows = torch.arange(z.shape[0], device=z.device)
+    else:
+        check_tensor("mask", mask)
+        if tuple(mask.shape) != tuple(lead):
+            raise ValueError(f"mask must have shape {list(lead)} (logits without V), got {list(mask.shape)}")
+        rows = mask.reshape(-1).nonzero().reshape(-1)
+    chunk = chunk_size or default_chunk_size(V)
+    log_kappa = math.log(kappa)
+    for s in range(0, rows.numel(), chunk):
+        idx = rows[s:s + chunk]
+        log_z[idx], log_max[idx] = _proxy_rows(z.index_select(0, idx).to(cd), log_kappa)
+    return log_z.reshape(lead), log_max.reshape(lead)
+
+
+# ----------------------------------------------------------------------------- statistic requests
+STAT_KINDS = ("log_prob", "entropy", "top_p_entropy", "change_terms", "proxy_log_mass", "clamped_entropy")
+_DIFFERENTIABLE = ("log_prob", "entropy", "top_p_entropy", "clamped_entropy")
+_PARAMS = {"top_p_entropy": ("p", "top_k", "inclusive"), "proxy_log_mass": ("kappa",),
+           "clamped_entropy": ("fraction",)}
+
+
+@dataclass(frozen=True)
+class Stat:
+    """One per-position statistic of the next-token distribution, as a hashable request.
+
+    Methods ask a :class:`~rlvr_entropy.core.batch.TokenBatch` for statistics with these (``batch.stat(...)``); the
+    batch serves them from materialized logits (:func:`compute_stat`) or from a tiled LM-head pass over hidden
+    states (:class:`rlvr_entropy.kernels.LMHeadSource`), which computes every statistic an engine requests at once.
+
+    ========================================= ======== ======================================================
+    request                                   gradient value per position ([B, T] each; 0 at padding)
+    ========================================= ======== ======================================================
+    ``Stat.log_prob()``                       yes      log pi(a) of the sampled token (needs token ids)
+    ``Stat.entropy()``                        yes      :func:`entropy`
+    ``Stat.top_p_entropy(p, top_k, incl.)``   yes      :func:`top_p_entropy` (SIREN)
+    ``Stat.change_terms()``                   no       (H, sum_k pi_k^2 (log pi_k + H)): :func:`entropy_change_terms`
+    ``Stat.proxy_log_mass(kappa)``            no       (log Z, log max pi): :func:`proxy_log_mass` (Lp-Reg)
+    ``Stat.clamped_entropy(fraction)``        yes      :func:`clamped_entropy` (AEnt)
+    ========================================= ======== ======================================================
+    """
+
+    kind: str
+    p: float | None = None
+    top_k: int | None = None
+    inclusive: bool = False
+    kappa: float | None = None
+    fraction: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.kind not in STAT_KINDS:
+            raise ValueError(f"kind must be one of {list(STAT_KINDS)}, got {self.kind!r}")
+        wanted = _PARAMS.get(self.kind, ())
+        for name in ("p", "top_k", "kappa", "fraction"):
+            if name not in wanted and getattr(self, name) is not None:
+                raise ValueError(f"{name} is not a parameter of Stat kind {self.kind!r}")
+        if self.kind != "top_p_entropy" and self.inclusive:
+            raise ValueError(f"inclusive is not a parameter of Stat kind {self.kind!r}")
+        if self.kind == "top_p_entropy":
+            _check_top_p_args(self.p, self.top_k, None)
+            if not isinstance(self.inclusive, bool):
+                raise ValueError(f"inclusive must be a bool, got {self.inclusive!r}")
+        if self.kind == "proxy_log_mass":
+            check_float("kappa", self.kappa, lo=0.0, hi=1.0, lo_open=True)
+        if self.kind == "clamped_entropy":
+            check_float("fraction", self.fraction, lo=0.0, hi=1.0, hi_open=True)
+
+    @property
+    def differentiable(self) -> bool:
+        return self.kind in _DIFFERENTIABLE
+
+    @property
+    def num_outputs(self) -> int:
+        return 2 if self.kind in ("change_terms", "proxy_log_mass") else 1
+
+    @classmethod
+    def log_prob(cls) -> "Stat":
+        return cls("log_prob")
+
+    @classmethod
+    def entropy(cls) -> "Stat":
+        return cls("entropy")
+
+    @classmethod
+    def top_p_entropy(cls, p: float = 0.8, top_k: int | None = None, inclusive: bool = False) -> "Stat":
+        check_float("p", p, lo=0.0, hi=1.0, lo_open=True)
+        return cls("top_p_entropy", p=float(p), top_k=top_k, inclusive=inclusive)
+
+    @classmethod
+    def change_terms(cls) -> "Stat":
+        return cls("change_terms")
+
+    @classmethod
+    def proxy_log_mass(cls, kappa: float) -> "Stat":
+        check_float("kappa", kappa, lo=0.0, hi=1.0, lo_open=True)
+        return cls("proxy_log_mass", kappa=float(kappa))
+
+    @classmethod
+    def clamped_entropy(cls, fraction: float) -> "Stat":
+        check_float("fraction", fraction, lo=0.0, hi=1.0, hi_open=True)
+        return cls("clamped_entropy", fraction=float(fraction))
+
+
+def compute_stat(logits: torch.Tensor, stat: Stat, *, mask: torch.Tensor | None = None,
+                 token_ids: torch.Tensor | None = None):
+    """``stat`` from materialized logits [..., V] (temperature applied): a tensor [...] (a pair for change_terms and
+    proxy_log_mass), 0 outside ``mask``. Exactly the functions of this module (the reference the tiled LM-head
+    route of :mod:`rlvr_entropy.kernels` is tested against). ``token_ids`` [...] is needed for ``log_prob``."""
+    if not isinstance(stat, Stat):
+        raise ValueError(f"stat must be a rlvr_entropy.stats.Stat, got {type(stat).__name__}")
+
+    def clean(x: torch.Tensor) -> torch.Tensor:
+        return x if mask is None else torch.where(mask.to(torch.bool), x, torch.zeros((), dtype=x.dtype,
+                                                                                      device=x.device))
+
+    k = stat.kind
+    if k == "log_prob":
+        if token_ids is None:
+            raise ValueError("token_ids is needed for Stat.log_prob() from logits")
+        check_tensor("token_ids", token_ids)
+        if tuple(token_ids.shape) != tuple(logits.shape[:-1]):
+            raise ValueError(f"token_ids must have shape {list(logits.shape[:-1])}, got {list(token_ids.shape)}")
+        z = logits.to(_compute_dtype(logits.dtype))
+        ids = clean(token_ids.long()) if mask is not None else token_ids.long()
+        return clean(z.gather(-1, ids[..., None]).squeeze(-1) - torch.logsumexp(z, -1))
+    if k == "entropy":
+        return clean(entropy(logits, mask=mask))
+    if k == "top_p_entropy":
+        return clean(top_p_entropy(logits, p=stat.p, top_k=stat.top_k, inclusive=stat.inclusive, mask=mask))
+    if k == "change_terms":
+        return entropy_change_terms(logits, mask)
+    if k == "proxy_log_mass":
+        return proxy_log_mass(logits, stat.kappa, mask=mask)
+    return clean(clamped_entropy(logits, stat.fraction, mask=mask))

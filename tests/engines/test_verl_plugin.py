@@ -1,6 +1,8 @@
 """verl plugin: registration on `import verl`, the entropy-aware ppo_loss on a real verl TensorDict, configs."""
 from __future__ import annotations
 
+import functools
+import os
 import subprocess
 import sys
 
@@ -24,13 +26,45 @@ def _actor_config(**policy_loss):
 
 
 def test_import_verl_registers_every_method_in_fresh_interpreter():
-    code = ("import verl\nfrom verl.trainer.ppo.core_algos import POLICY_LOSS_REGISTRY as R\n"
+    code = ("import sys\nimport verl\nfrom verl.trainer.ppo.core_algos import POLICY_LOSS_REGISTRY as R\n"
+            "import verl.plugin.platform.platform_manager as pm\n"
             "print(','.join(sorted(k for k in R if k.startswith('rle_'))))\n"
-            "print('clip_cov' in R and R['clip_cov'] is not R['rle_clip_cov'])")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
+            "print('clip_cov' in R and R['clip_cov'] is not R['rle_clip_cov'])\n"
+            "print(pm._current_platform is None)\n"  # the plugin does not resolve verl's platform
+            "from rlvr_entropy.verl.hooks import ENGINE_MODULE, _AfterImport\n"
+            "print(ENGINE_MODULE not in sys.modules and any(isinstance(f, _AfterImport) and f.name == ENGINE_MODULE "
+            "for f in sys.meta_path))")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RLVR_ENTROPY_VERL")}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True,
+                         env=env)
     lines = out.stdout.strip().splitlines()
-    assert lines[-2].split(",") == ["rle_" + n for n in available_methods()]
-    assert lines[-1] == "True"  # verl's own clip_cov untouched
+    assert lines[-4].split(",") == ["rle_" + n for n in available_methods()]
+    assert lines[-3] == "True"  # verl's own clip_cov untouched
+    assert lines[-2] == "True"
+    assert lines[-1] == "True"  # the engine hooks wait for the engine module (test_engine_hooks_after_import)
+
+
+def test_engine_hooks_after_import(tmp_path, monkeypatch):
+    """The after-import finder runs its callback once the module has executed (here a stand-in module), and the
+    engine hooks on verl's real FSDP engine classes are installed idempotently."""
+    from rlvr_entropy.verl import hooks
+
+    (tmp_path / "rle_standin_mod.py").write_text("VALUE = 41\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    seen = []
+    finder = hooks._AfterImport("rle_standin_mod", lambda m: seen.append(m.VALUE + 1))
+    monkeypatch.setattr(sys, "meta_path", [finder, *sys.meta_path])
+    import rle_standin_mod  # noqa: F401
+
+    assert seen == [42]
+    from verl.workers.engine.fsdp import transformer_impl as ti
+
+    assert hooks.install_engine_hooks() and hooks.install_engine_hooks()  # idempotent
+    for fn in (ti.FSDPEngineWithLMHead.forward_step, ti.FSDPEngine.optimizer_step, ti.FSDPEngine.save_checkpoint,
+               ti.FSDPEngine.load_checkpoint, ti._scale_logits_by_temperature):
+        assert getattr(fn, "_rlvr_entropy", False)
+    assert ti.FSDPEngine.optimizer_step.__wrapped__.__qualname__ == "FSDPEngine.optimizer_step"  # wrapped once
+    assert hooks.install_engine_hooks_on_import()  # the module is imported: installs now
 
 
 def test_config_subclass_through_omega_conf_to_dataclass():
@@ -56,12 +90,19 @@ def test_config_subclass_through_omega_conf_to_dataclass():
 
 
 # ------------------------------------------------------------------------------ a real verl TensorDict
-def _tiny_batch(seed=0, B=4, idx=None, return_logits=False):
-    from verl.utils import tensordict_utils as tu
+@functools.lru_cache(maxsize=None)
+def _tiny_model(seed):
     from tests.engines.tiny_hf import make_model, make_tokenizer
 
+    return make_model(make_tokenizer(), hidden=16, layers=1, seed=seed).float()
+
+
+def _tiny_batch(seed=0, B=4, idx=None, return_logits=False):
+    from verl.utils import tensordict_utils as tu
+
     torch.manual_seed(seed)
-    model = make_model(make_tokenizer(), hidden=16, layers=1, seed=seed).float()
+    model = _tiny_model(seed)
+    model.zero_grad()
     V = model.config.vocab_size
     plens, rlens = [3, 2, 4, 3][:B], [5, 3, 1, 4][:B]
     prompts = [torch.randint(3, V, (p,)) for p in plens]
@@ -95,8 +136,13 @@ def _tiny_batch(seed=0, B=4, idx=None, return_logits=False):
     return model, data, model_output
 
 
-def _loss(fn, config, model_output, data):
-    return fn(config=config, model_output=model_output, data=data)
+def _loss(fn, config, model_output, data, state=None):
+    """One micro-batch through ``fn`` inside a step context (what the hooked engine's forward_step does)."""
+    from rlvr_entropy.verl.hooks import step_context
+    from rlvr_entropy.verl.state import EngineState
+
+    with step_context(EngineState() if state is None else state, observe=True):
+        return fn(config=config, model_output=model_output, data=data)
 
 
 def test_replacement_equals_verl_ppo_loss_for_grpo_and_gradients_flow():
@@ -141,16 +187,24 @@ def test_entropy_methods_receive_entropy_and_registered_loss_explains():
         loss.backward(retain_graph=True)
         assert any(p.grad is not None and float(p.grad.abs().sum()) > 0 for p in model.parameters())
     # through verl's own ppo_loss (no entropy): a clear error pointing at the fix
+    from rlvr_entropy.verl.hooks import step_context
+    from rlvr_entropy.verl.state import EngineState
+
     cfg = _actor_config(loss_mode="rle_forking_tokens")
     lp = torch.zeros(2, 3)
-    with pytest.raises(ValueError, match="calculate_entropy=True"):
-        get_policy_loss_fn("rle_forking_tokens")(lp, lp, torch.ones(2, 3), torch.ones(2, 3, dtype=bool),
-                                                  "token-mean", cfg, None)
+    args = (lp, lp, torch.ones(2, 3), torch.ones(2, 3, dtype=bool), "token-mean", cfg, None)
+    with step_context(EngineState(), observe=True), pytest.raises(ValueError, match="calculate_entropy=True"):
+        get_policy_loss_fn("rle_forking_tokens")(*args)
+    # outside a hooked engine step there is no owner for state, steps and process group: an error, not a guess
+    with pytest.raises(ValueError, match="outside a hooked verl engine step"):
+        get_policy_loss_fn("rle_grpo")(*args)
+    with pytest.raises(ValueError, match="outside a hooked verl engine step"):
+        entropy_ppo_loss(_actor_config(loss_mode="rle_grpo"), out, data)
 
 
 def test_micro_batch_split_invariance_token_mean():
     """Summing the micro-batch losses of a split mini-batch equals the loss of the whole (verl's convention)."""
-    from rlvr_entropy.verl.loss import entropy_ppo_loss, set_step
+    from rlvr_entropy.verl.loss import entropy_ppo_loss
 
     cases = [("grpo", {}), ("entropy_advantage", {}),
              ("grpo", {"loss_agg_mode": "seq-mean-token-sum-norm", "loss_scale_factor": 8}),
@@ -160,52 +214,126 @@ def test_micro_batch_split_invariance_token_mean():
         cfg = _actor_config(loss_mode=f"rle_{name}")
         for k, v in over.items():
             object.__setattr__(cfg, k, v)
-        set_step(1)
         whole, _ = _loss(entropy_ppo_loss, cfg, out, data)
         parts = 0.0
         for idx in ([0, 1], [2, 3]):  # same global batch_num_tokens / global_batch_size in each micro-batch
             _, sub, sub_out = _tiny_batch(seed=5, idx=idx)
             parts = parts + _loss(entropy_ppo_loss, cfg, sub_out, sub)[0]
-        set_step(None)
         torch.testing.assert_close(parts, whole, rtol=1e-5, atol=1e-7)
 
 
-def test_checkpoint_hook_wraps_save_and_load(tmp_path):
-    """The wrapper keeps verl's @register attributes, writes the state next to the checkpoint, restores it."""
-    from rlvr_entropy.verl import state
-    from rlvr_entropy.verl.loss import METHODS, method_for
+def _siren_step(st, cfg, seed=0):
+    """One siren micro-batch through entropy_ppo_loss with logits captured in st's step context, then end_step."""
+    from verl.workers.engine.fsdp import transformer_impl as ti
 
-    calls = []
+    from rlvr_entropy.verl import hooks
+    from rlvr_entropy.verl.loss import entropy_ppo_loss
 
-    class FakeWorker:
-        def save_checkpoint(self, local_path, hdfs_path=None, global_step=0, max_ckpt_to_keep=None):
-            calls.append(("save", local_path))
+    assert hooks.install_engine_hooks()
+    _, data, _, rmpad = _tiny_batch(seed=seed, return_logits=True)
+    with hooks.step_context(st, observe=True, capture=True):
+        scaled = ti._scale_logits_by_temperature(rmpad.detach(), torch.tensor(1.0), is_unit_temperature=True)
+        entropy_ppo_loss(cfg, _outputs_from_rmpad(scaled, data), data)
+    st.end_step()
 
-        def load_checkpoint(self, local_path, hdfs_path=None, del_local_after_load=False):
-            calls.append(("load", local_path))
 
-    FakeWorker.save_checkpoint.attrs_from_register = "dispatch"
-    state._wrap(FakeWorker)
-    state._wrap(FakeWorker)  # idempotent
-    assert FakeWorker.save_checkpoint.attrs_from_register == "dispatch"
-    cfg = _actor_config(loss_mode="rle_grpo")
-    method_for("grpo", cfg)
-    from rlvr_entropy.verl.loss import _STEP
+def test_engine_state_checkpoint_round_trip_and_missing_state(tmp_path, caplog):
+    """One file per checkpoint; a resume without it raises for a method with controllers unless missing_state=fresh;
+    the older per-rank format is read from rank 0's copy; stateless methods do not care."""
+    from rlvr_entropy.verl.config import EntropyPolicyLossConfig
+    from rlvr_entropy.verl.state import FILE, EngineState
 
-    _STEP["step"] = 42
-    FakeWorker().save_checkpoint(str(tmp_path), global_step=3)
-    _STEP["step"] = 0
-    assert (tmp_path / "rlvr_entropy_state_rank0.pt").exists()
-    METHODS.clear()
-    FakeWorker().load_checkpoint(str(tmp_path))
-    assert calls == [("save", str(tmp_path)), ("load", str(tmp_path))]
-    assert _STEP["step"] == 42  # restored by the wrapped load_checkpoint
-    FakeWorker().load_checkpoint(str(tmp_path / "missing"))  # old checkpoint: warning only
+    cfg = _actor_config(loss_mode="rle_siren")
+    st = EngineState()
+    _siren_step(st, cfg)
+    saved = st.state_dict()
+    assert saved["step"] == 1 and saved["methods"]["siren"]["anchor"]["value"] is not None
+    assert st.save(str(tmp_path / "ck")) == str(tmp_path / "ck" / FILE)
+    assert sorted(p.name for p in (tmp_path / "ck").iterdir()) == [FILE]
+    st2 = EngineState()
+    assert st2.load(str(tmp_path / "ck"))
+    assert st2.state_dict() == saved  # restored before the method is built ...
+    assert st2.method("siren", cfg).state_dict() == saved["methods"]["siren"]  # ... and applied when it is
+    assert EngineState().save(str(tmp_path / "empty")) is None  # an engine that never ran a loss writes nothing
+    # resuming from a checkpoint without the state file
+    st3 = EngineState()
+    assert not st3.load(str(tmp_path / "no-state"))
+    st3.method("grpo", _actor_config(loss_mode="rle_grpo"))  # no controllers: nothing is lost
+    with pytest.raises(ValueError, match="missing_state=fresh"):
+        st3.method("siren", cfg)
+    fresh = _actor_config(loss_mode="rle_siren", missing_state="fresh")
+    with caplog.at_level("WARNING"):
+        m = st3.method("siren", fresh)
+    assert m.state_dict()["anchor"]["value"] is None and "start fresh" in caplog.text
+    with pytest.raises(ValueError, match="policy_loss.missing_state"):
+        EntropyPolicyLossConfig(loss_mode="rle_siren", missing_state="ignore")
+    # the older per-rank files: rank 0's copy
+    legacy = tmp_path / "legacy"
+    legacy.mkdir()
+    torch.save({"methods": {"siren": saved["methods"]["siren"]}, "step": {"step": 7, "bnt": 3, "seen": 0}},
+               legacy / "rlvr_entropy_state_rank0.pt")
+    st4 = EngineState()
+    assert st4.load(str(legacy))
+    assert st4.step == 7 and st4.method("siren", cfg).state_dict() == saved["methods"]["siren"]
+    with pytest.raises(ValueError, match="not an rlvr-entropy verl state"):
+        EngineState().load_state_dict({"methods": {}})
+
+
+def test_two_engines_share_nothing_and_steps_only_advance_at_end_step():
+    """Controllers measure every training micro-batch of a step and update once, at end_step; equal token counts
+    do not matter; forward-only calls (observe=False) change nothing; two owners are independent."""
+    from rlvr_entropy.verl.hooks import step_context
+    from rlvr_entropy.verl.loss import entropy_ppo_loss
+    from rlvr_entropy.verl.state import EngineState
+
+    _, data, out = _tiny_batch(seed=2)
+    cfg = _actor_config(loss_mode="rle_adaptive_entropy", method_config={"target": 0.5})
+    a, b = EngineState(), EngineState()
+    for _ in range(3):  # one optimizer step of 3 identical micro-batches
+        _loss(entropy_ppo_loss, cfg, out, data, state=a)
+    ma = a.methods["adaptive_entropy"]
+    assert ma.state_dict()["coef"]["steps"] == 0 and a.step == 0
+    a.end_step()
+    assert a.step == 1 and ma.state_dict()["coef"]["steps"] == 1
+    after = ma.state_dict()
+    with step_context(a, observe=False):  # evaluation
+        entropy_ppo_loss(cfg, out, data)
+    a.end_step()  # an optimizer step without training calls: the controller is not closed again
+    assert ma.state_dict() == after and a.step == 2
+    assert b.methods == {} and b.step == 0  # the other engine's owner saw nothing
+    mb = b.method("adaptive_entropy", cfg)
+    assert mb is not ma and mb.state_dict()["coef"]["steps"] == 0
+
+
+def test_old_entropy_from_the_v1_trainers_entropy_key():
+    """verl 0.9.1's v1 trainer stores the old policy's entropy as `entropy` in the batch: STEER uses it (not the
+    current entropy of model_output); two old-entropy keys at once are refused."""
+    from verl.workers.utils.padding import no_padding_2_padding
+
+    from rlvr_entropy import TokenBatch, make_method
+    from rlvr_entropy.verl.loss import entropy_ppo_loss
+
+    _, data, out = _tiny_batch(seed=4)
+    cfg = _actor_config(loss_mode="rle_steer")
+    current, _ = _loss(entropy_ppo_loss, cfg, out, data)
+    g = torch.Generator().manual_seed(9)
+    resp = [torch.rand(len(r), generator=g) * 3 for r in data["responses"].unbind()]
+    data["entropy"] = torch.nested.as_nested_tensor(resp, layout=torch.jagged)
+    old, _ = _loss(entropy_ppo_loss, cfg, out, data)
+    pd = data.select("response_mask", "old_log_probs", "advantages", "entropy").to_padded_tensor()
+    ref = make_method("steer", **_pg(cfg, "steer")).compute_loss(TokenBatch(
+        log_prob=no_padding_2_padding(out["log_probs"], data), old_log_prob=pd["old_log_probs"],
+        advantages=pd["advantages"], mask=pd["response_mask"].bool(), old_entropy=pd["entropy"])).loss
+    torch.testing.assert_close(old, ref, rtol=1e-6, atol=1e-8)
+    assert not torch.allclose(old, current)  # the old entropy changed the weights: the test is not vacuous
+    data["old_entropy"] = data["entropy"]
+    with pytest.raises(ValueError, match="several keys"):
+        _loss(entropy_ppo_loss, cfg, out, data)
 
 
 def test_checks_and_state_round_trip(tmp_path):
-    from rlvr_entropy.verl import hooks, state
-    from rlvr_entropy.verl.loss import METHODS, method_for
+    from rlvr_entropy.verl import hooks
+    from rlvr_entropy.verl.state import EngineState
 
     cfg = _actor_config(loss_mode="rle_siren")
     hooks.check_verl_config("siren", cfg, {"use_fused_kernels": False})
@@ -220,20 +348,21 @@ def test_checks_and_state_round_trip(tmp_path):
         hooks.check_verl_config("forking_tokens", noent)
     from rlvr_entropy import TokenBatch
 
-    METHODS.pop("siren", None)
-    m = method_for("siren", cfg)
+    st = EngineState()
+    m = st.method("siren", cfg)
     fresh = repr(m.state_dict())
     g = torch.Generator().manual_seed(0)
     lg = torch.randn(2, 3, 11, generator=g, requires_grad=True)
     lp = torch.log_softmax(lg, -1)[..., 0]
     m.compute_loss(TokenBatch(log_prob=lp, old_log_prob=lp.detach(), advantages=torch.tensor([1.0, -1.0]),
                               mask=torch.ones(2, 3, dtype=bool), logits=lg), step=5)
+    m.end_step()
     sd = m.state_dict()
     assert repr(sd) != fresh  # the anchor was set: the round trip below is not vacuous
-    state.save_state(str(tmp_path / "s.pt"))
-    METHODS.pop("siren")
-    assert state.load_state(str(tmp_path / "s.pt"))
-    m2 = method_for("siren", cfg)
+    st.save(str(tmp_path / "s"))
+    st2 = EngineState()
+    assert st2.load(str(tmp_path / "s"))
+    m2 = st2.method("siren", cfg)
     assert m2 is not m and repr(m2.state_dict()) == repr(sd)
 
 
@@ -246,9 +375,10 @@ def test_logits_hook_delivers_temperature_scaled_response_logits():
 
     from rlvr_entropy import TokenBatch, make_method
     from rlvr_entropy.verl import hooks
-    from rlvr_entropy.verl.loss import METHODS, entropy_ppo_loss, set_step
+    from rlvr_entropy.verl.loss import entropy_ppo_loss
+    from rlvr_entropy.verl.state import EngineState
 
-    assert hooks.install_logits_hook()
+    assert hooks.install_engine_hooks()
     temp = 0.7
     for name in ("siren", "lp_reg"):
         if name not in available_methods():
@@ -256,15 +386,13 @@ def test_logits_hook_delivers_temperature_scaled_response_logits():
         model, data, out, rmpad = _tiny_batch(seed=7, return_logits=True)
         cfg = _actor_config(loss_mode=f"rle_{name}")
         loss_fn = functools.partial(entropy_ppo_loss, config=cfg)
-        assert hooks.wants_logits(loss_fn, False) and not hooks.wants_logits(loss_fn, True)
+        assert hooks.wants_logits(loss_fn) and not hooks.wants_logits(None)
+        assert not hooks.wants_logits(functools.partial(entropy_ppo_loss, config=_actor_config(loss_mode="rle_grpo")))
         # recompute log-probs / entropy from the scaled logits, as verl does after scaling
-        METHODS.pop(name, None)
-        set_step(1)
-        with hooks.capture_logits():
+        with hooks.step_context(EngineState(), observe=True, capture=True):
             scaled = ti._scale_logits_by_temperature(rmpad, torch.tensor(temp), is_unit_temperature=False)
             out = _outputs_from_rmpad(scaled, data)
             loss, metrics = loss_fn(model_output=out, data=data)
-        set_step(None)
         # reference: padded response logits by hand
         from verl.workers.utils.padding import no_padding_2_padding
 
@@ -289,7 +417,7 @@ def test_logits_hook_delivers_temperature_scaled_response_logits():
     # nothing captured (fused kernels / hook missing): a clear error
     _, data, out = _tiny_batch(seed=7)
     with pytest.raises(ValueError, match="use_fused_kernels=False"):
-        entropy_ppo_loss(_actor_config(loss_mode="rle_siren"), out, data)
+        _loss(entropy_ppo_loss, _actor_config(loss_mode="rle_siren"), out, data)
 
 
 def _outputs_from_rmpad(scaled, data):
@@ -325,7 +453,7 @@ def test_hydra_command_line_of_the_docs_composes_with_verls_own_config():
     from verl.utils.config import omega_conf_to_dataclass
 
     from rlvr_entropy.verl.hooks import check_verl_config
-    from rlvr_entropy.verl.loss import method_for
+    from rlvr_entropy.verl.state import EngineState
 
     pre = "actor_rollout_ref.actor."
     overrides = [pre + "policy_loss._target_=rlvr_entropy.verl.config.EntropyPolicyLossConfig",
@@ -339,7 +467,7 @@ def test_hydra_command_line_of_the_docs_composes_with_verls_own_config():
     with initialize_config_dir(config_dir=d, version_base=None):
         cfg = compose("ppo_trainer", overrides=overrides)
     actor = omega_conf_to_dataclass(cfg.actor_rollout_ref.actor)
-    c = method_for("siren", actor).config
+    c = EngineState().method("siren", actor).config
     assert (c.top_p, c.beta, c.norm_length, c.dual_clip, c.loss_agg_mode) == (
         0.7, 0.01, 3072, 3.0, "seq-mean-token-sum-norm")
     check_verl_config("siren", actor, cfg.actor_rollout_ref.model)
@@ -362,9 +490,10 @@ def test_logits_hook_through_verls_real_prepare_model_outputs():
     from verl.workers.engine.fsdp import transformer_impl as ti
 
     from rlvr_entropy.verl import hooks
-    from rlvr_entropy.verl.loss import entropy_ppo_loss, set_step
+    from rlvr_entropy.verl.loss import entropy_ppo_loss
+    from rlvr_entropy.verl.state import EngineState
 
-    assert hooks.install_logits_hook()
+    assert hooks.install_engine_hooks()
     model, data, _, rmpad = _tiny_batch(seed=11, return_logits=True)
     seqs = [torch.cat([p, r]) for p, r in zip(data["prompts"].unbind(), data["responses"].unbind())]
     ids = torch.cat(seqs)
@@ -384,49 +513,25 @@ def test_logits_hook_through_verls_real_prepare_model_outputs():
                    "temperature_rmpad": torch.full((ids.numel() + pad,), temp), "pad_size": pad,
                    "temperature_is_one": False}
     cfg = _actor_config(loss_mode="rle_siren")
-    from rlvr_entropy.verl.loss import METHODS
-
-    METHODS.pop("siren", None)  # fresh anchor, measured on this batch
-    set_step(1)
-    with hooks.capture_logits():
+    with hooks.step_context(EngineState(), observe=True, capture=True):  # fresh anchor, measured on this batch
         out = ti.FSDPEngineWithLMHead.prepare_model_outputs(
             fake, output=types.SimpleNamespace(logits=logits[None]), output_args=output_args, micro_batch=data,
             logits_processor_func=None)
         loss, metrics = entropy_ppo_loss(cfg, out, data)
-    set_step(None)
     assert torch.isfinite(loss) and any(k.startswith("actor/siren/") for k in metrics)
     model.zero_grad()
     loss.backward()
     assert any(p.grad is not None and float(p.grad.abs().sum()) > 0 for p in model.parameters())
     # same loss from our own hand-made outputs (same scaled logits): the captured slice is the right one
-    set_step(2)
-    METHODS.pop("siren", None)
-    with hooks.capture_logits():
+    with hooks.step_context(EngineState(), observe=True, capture=True):
         scaled = ti._scale_logits_by_temperature(rmpad.detach(), torch.tensor(temp), is_unit_temperature=False)
         loss2, _ = entropy_ppo_loss(cfg, _outputs_from_rmpad(scaled, data), data)
-    set_step(None)
     torch.testing.assert_close(loss.detach(), loss2.detach(), rtol=1e-4, atol=1e-6)
 
 
-def test_step_detection():
-    from rlvr_entropy.verl.loss import _detect_step, set_step
-
-    set_step(None)
-    m2 = torch.ones(1, 2, dtype=bool)
-    s0 = _detect_step(m2, {"batch_num_tokens": 4, "dp_size": 1})
-    assert _detect_step(m2, {"batch_num_tokens": 4, "dp_size": 1}) == s0  # 2 + 2 = 4 tokens: same mini-batch
-    assert _detect_step(m2, {"batch_num_tokens": 4, "dp_size": 1}) == s0 + 1  # the next one, same size
-    assert _detect_step(m2, {"batch_num_tokens": 6, "dp_size": 2}) == s0 + 2  # count changed
-    assert _detect_step(m2, {"batch_num_tokens": 6, "dp_size": 2}) == s0 + 2
-    assert _detect_step(m2, {"batch_num_tokens": 6, "dp_size": 2}) == s0 + 2  # dp > 1: only a change counts
-    set_step(7)
-    assert _detect_step(m2, {"batch_num_tokens": 9, "dp_size": 1}) == 7
-    set_step(None)
-
-
 def test_clip_cov_and_kl_cov_ignore_clip_ratio_c_like_verl():
-    from rlvr_entropy.verl.loss import method_for
+    from rlvr_entropy.verl.state import method_config
 
     for name in ("clip_cov", "kl_cov"):
-        assert method_for(name, _actor_config(loss_mode=f"rle_{name}")).config.dual_clip is None
-    assert method_for("grpo", _actor_config(loss_mode="rle_grpo")).config.dual_clip == 3.0
+        assert method_config(name, _actor_config(loss_mode=f"rle_{name}")).dual_clip is None
+    assert method_config("grpo", _actor_config(loss_mode="rle_grpo")).dual_clip == 3.0

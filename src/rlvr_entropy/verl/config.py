@@ -14,15 +14,18 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any
 
 from verl.workers.config.actor import PolicyLossConfig
 
+from rlvr_entropy.core.validation import check_choice
 from rlvr_entropy.methods.base import PGConfig, available_methods, get_method_class
 from rlvr_entropy.verl import PREFIX
 
 #: PG fields owned by verl's actor config (clip_ratio_low/high, clip_ratio_c, loss_agg_mode, loss_scale_factor).
 VERL_OWNED = tuple(f.name for f in dataclasses.fields(PGConfig) if f.name != "clamp_log_ratio")
+#: Values of policy_loss.missing_state (kept equal to rlvr_entropy.verl.state.MISSING_STATE).
+MISSING_STATE = ("raise", "fresh")
 
 
 def method_from_loss_mode(loss_mode: str) -> str | None:
@@ -71,12 +74,14 @@ class EntropyPolicyLossConfig(PolicyLossConfig):
     Args:
         method: rlvr-entropy method name; empty means "take it from loss_mode (rle_<name>)".
         method_config: the method's own hyperparameters (its Config fields except the PG ones verl owns).
+        missing_state: "raise" or "fresh": what resuming from a checkpoint without controller state does.
     """
 
     method: str = ""
     method_config: dict[str, Any] = field(default_factory=dict)
-    #: Optional path of a file the controller state is saved to / restored from (see rlvr_entropy.verl.state).
-    state_path: Optional[str] = None
+    #: Resuming from a checkpoint without controller state (rlvr_entropy_state.pt): "raise" (default) or "fresh"
+    #: (start the controllers fresh, with a warning). See rlvr_entropy.verl.state.
+    missing_state: str = "raise"
 
     def __post_init__(self) -> None:
         from_mode = method_from_loss_mode(self.loss_mode)
@@ -86,6 +91,7 @@ class EntropyPolicyLossConfig(PolicyLossConfig):
                              f"{self.loss_mode!r} and no method")
         if from_mode is not None and self.method and from_mode != self.method:
             raise ValueError(f"policy_loss.method={self.method!r} disagrees with loss_mode={self.loss_mode!r}")
+        check_choice("policy_loss.missing_state", self.missing_state, MISSING_STATE)
         cfg = validate_method_config(method, self.method_config)
         object.__setattr__(self, "method", method)
         object.__setattr__(self, "method_config", cfg)

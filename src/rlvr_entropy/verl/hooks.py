@@ -1,27 +1,39 @@
-"""The logits hook and configuration checks for methods that need entropy or full logits under verl.
+"""The hooks on verl's FSDP engine, the step context they set, and configuration checks.
 
-Entropy: verl 0.9.1 computes it in ``prepare_model_outputs`` (with gradient) when the micro-batch carries
-``calculate_entropy`` (set from ``actor.calculate_entropy``); ``entropy_ppo_loss`` passes it to the method.
+:func:`install_engine_hooks` (the plugin arranges it on ``import verl``: right after the engine module is first
+imported, so that the plugin does not resolve verl's platform early) patches four methods of
+``verl.workers.engine.fsdp.transformer_impl``, the engine verl 0.9.1's default trainer and its
+``engine_workers.TrainingWorker`` use (``BaseEngine.train_batch`` = zero_grad, ``forward_backward_batch`` over the
+micro-batches, ``optimizer_step``):
 
-Logits: verl hands logits to user code only through ``logits_processor_func`` on the FSDP engine's distillation
-top-k branch, with per-token outputs. ``install_logits_hook()`` instead
+* ``FSDPEngineWithLMHead.forward_step`` runs inside a :class:`StepContext`: the engine's
+  :class:`~rlvr_entropy.verl.state.EngineState` (the owner of every method instance and its controllers) and
+  ``observe = not forward_only``. Both loss paths (``entropy_ppo_loss`` and the registered ``rle_<name>`` losses
+  called by verl's own ``ppo_loss``) find their method there; outside a context they raise.
+* ``FSDPEngine.optimizer_step``: after verl's optimizer step, ``EngineState.end_step()`` closes the step on every
+  rank (controllers update once per optimizer step: several mini-batches, ``ppo_epochs`` > 1 and equal token
+  counts are all counted exactly).
+* ``FSDPEngine.save_checkpoint`` / ``load_checkpoint``: one controller-state file per checkpoint
+  (:mod:`rlvr_entropy.verl.state`).
+* Logits: verl hands logits to user code only through ``logits_processor_func`` on the distillation top-k branch.
+  ``_scale_logits_by_temperature`` (the one place the FSDP engine turns the LM head output into temperature-scaled
+  logits, [nnz, V] with remove-padding) is wrapped to record a reference to its result (no copy) in the step context
+  during forward steps whose loss is ``entropy_ppo_loss`` with a method that needs logits.
+  ``entropy_ppo_loss`` slices the response positions out ([B, T_resp, V]: one extra copy of the response logits,
+  the only [N, V]-sized buffer this adds; the methods chunk their own work).
 
-* wraps ``verl.workers.engine.fsdp.transformer_impl._scale_logits_by_temperature`` (the one place the FSDP engine
-  turns the LM head output into temperature-scaled logits, [nnz, V] with remove-padding) so that it records a
-  reference to its result (no copy) while a capture is active, and
-* wraps ``FSDPEngineWithLMHead.forward_step`` so that a capture is active exactly during training forward steps
-  whose loss function is ``entropy_ppo_loss`` configured with a method that needs logits.
-
-``entropy_ppo_loss`` then slices the response positions out ([B, T_resp, V]: one extra copy of the response
-logits, the only [N, V]-sized buffer this adds; the methods chunk their own work). Requirements, checked with clear
-errors: ``use_fused_kernels=False`` (fused kernels never build logits), ``use_remove_padding=True`` and Ulysses
-sequence parallel size 1 (the captured tensor must hold whole sequences). Megatron / veomni / automodel engines are
-not hooked.
+Requirements for logits, checked with clear errors: ``use_fused_kernels=False`` (fused kernels never build
+logits), ``use_remove_padding=True`` and Ulysses sequence parallel size 1 (the captured tensor must hold whole
+sequences). Entropy: verl computes it in ``prepare_model_outputs`` (with gradient) when the micro-batch carries
+``calculate_entropy`` (from ``actor.calculate_entropy``). Megatron / veomni / automodel engines are not hooked: an
+rlvr-entropy loss called by them raises instead of keeping per-rank, per-call state.
 """
 from __future__ import annotations
 
+import contextvars
 import functools
-import threading
+import importlib.abc
+import sys
 from contextlib import contextmanager
 from typing import Any, Iterator
 
@@ -29,9 +41,6 @@ import torch
 
 from rlvr_entropy.core.batch import TokenBatch
 from rlvr_entropy.methods.base import get_method_class
-
-_CAPTURE = threading.local()
-
 
 def needs_logits(name: str, method_config: dict[str, Any] | None = None) -> bool:
     return "logits" in get_method_class(name)(**(method_config or {})).needs
@@ -53,59 +62,125 @@ def needs_entropy(name: str) -> bool:
     return False
 
 
-# ----------------------------------------------------------------------------------------- capture
+# ------------------------------------------------------------------------------------ step context
+class StepContext:
+    """What one forward step of a hooked engine tells the loss: the engine's state, whether the step trains
+    (``observe``: False for forward-only passes, which never change controller state) and, while a logits capture
+    is active, the captured logits. Set by the hooked ``forward_step`` for the duration of the call only."""
+
+    def __init__(self, state: Any, observe: bool, capture: bool = False) -> None:
+        self.state = state
+        self.observe = observe
+        self.capture = capture
+        self.logits: torch.Tensor | None = None
+
+
+_ACTIVE: contextvars.ContextVar[StepContext | None] = contextvars.ContextVar("rlvr_entropy_verl_step", default=None)
+
+
+def current() -> StepContext | None:
+    """The step context of the engine forward step running now (None outside one)."""
+    return _ACTIVE.get()
+
+
+@contextmanager
+def step_context(state: Any, *, observe: bool, capture: bool = False) -> Iterator[StepContext]:
+    """Run a forward step with ``state`` (an :class:`~rlvr_entropy.verl.state.EngineState`) as the losses' owner;
+    what the hooked engine does around each ``forward_step``, and what a driver or a test without an engine uses."""
+    if not isinstance(observe, bool):
+        raise ValueError(f"observe must be a bool, got {observe!r}")
+    ctx = StepContext(state, observe, capture)
+    token = _ACTIVE.set(ctx)
+    try:
+        yield ctx
+    finally:
+        ctx.logits = None
+        _ACTIVE.reset(token)
+
+
 @contextmanager
 def capture_logits() -> Iterator[None]:
-    """While active, the hooked ``_scale_logits_by_temperature`` records its output for ``entropy_ppo_loss``."""
-    prev = getattr(_CAPTURE, "active", False)
-    _CAPTURE.active, _CAPTURE.logits = True, None
+    """Make the hooked ``_scale_logits_by_temperature`` record its output in the active step context."""
+    ctx = current()
+    if ctx is None:
+        raise ValueError("capture_logits() needs an active step_context(...)")
+    prev, ctx.capture, ctx.logits = ctx.capture, True, None
     try:
         yield
     finally:
-        _CAPTURE.active, _CAPTURE.logits = prev, None
+        ctx.capture, ctx.logits = prev, None
 
 
 def capturing() -> bool:
-    return bool(getattr(_CAPTURE, "active", False))
+    ctx = current()
+    return bool(ctx is not None and ctx.capture)
 
 
 def take_captured_logits() -> torch.Tensor | None:
-    x = getattr(_CAPTURE, "logits", None)
-    _CAPTURE.logits = None
+    ctx = current()
+    if ctx is None:
+        return None
+    x, ctx.logits = ctx.logits, None
     return x
 
 
 def _record(result: torch.Tensor) -> torch.Tensor:
-    if capturing():
-        _CAPTURE.logits = result
+    ctx = current()
+    if ctx is not None and ctx.capture:
+        ctx.logits = result
     return result
 
 
-def wants_logits(loss_function: Any, forward_only: bool) -> bool:
-    """True for a training step whose loss is ``entropy_ppo_loss`` bound to a logits-needing method."""
-    if forward_only or loss_function is None:
-        return False
+def rle_loss_config(loss_function: Any) -> tuple[str, Any] | None:
+    """(method name, actor config) when ``loss_function`` is ``entropy_ppo_loss`` or verl's ``ppo_loss`` bound
+    (functools.partial, as verl's workers bind it) to an actor config with an ``rle_<name>`` loss mode."""
+    if not isinstance(loss_function, functools.partial):
+        return None
+    config = loss_function.keywords.get("config")
+    if config is None or not hasattr(config, "get"):
+        return None
     from rlvr_entropy.verl.config import method_from_loss_mode
+
+    pl = config.get("policy_loss", None)
+    name = method_from_loss_mode(pl.get("loss_mode", "")) if pl is not None else None
+    return None if name is None else (name, config)
+
+
+def wants_logits(loss_function: Any, state: Any = None) -> bool:
+    """True for a forward step whose loss is ``entropy_ppo_loss`` bound to a logits-needing method (training, or a
+    forward-only pass that computes the loss: ``infer_batch`` with ``compute_loss``)."""
+    if loss_function is None:
+        return False
     from rlvr_entropy.verl.loss import entropy_ppo_loss
 
-    fn = loss_function
-    if not (isinstance(fn, functools.partial) and fn.func is entropy_ppo_loss):
+    found = rle_loss_config(loss_function)
+    if found is None or loss_function.func is not entropy_ppo_loss:
         return False
-    config = fn.keywords.get("config")
-    name = method_from_loss_mode(config.policy_loss.get("loss_mode", "")) if config is not None else None
-    if name is None:
-        return False
-    from rlvr_entropy.verl.loss import method_for
+    from rlvr_entropy.verl.state import EngineState
 
-    return "logits" in method_for(name, config).needs  # instance-level needs (entropy_bonus with clamping)
+    name, config = found
+    # instance-level needs (entropy_bonus needs logits only with clamping)
+    return "logits" in (state if state is not None else EngineState()).method(name, config).needs
 
 
-def install_logits_hook() -> bool:
-    """Patch verl's FSDP engine (idempotent); False when it cannot be imported here."""
+# ------------------------------------------------------------------------------------------ engine hooks
+def install_engine_hooks() -> bool:
+    """Patch verl's FSDP engine classes (idempotent); False when they cannot be imported here.
+
+    * ``FSDPEngineWithLMHead.forward_step``: runs inside a :func:`step_context` with the engine's
+      :class:`~rlvr_entropy.verl.state.EngineState` (``observe = not forward_only``) and captures logits when the
+      loss is ``entropy_ppo_loss`` with a logits-needing method;
+    * ``_scale_logits_by_temperature``: records its output while a capture is active;
+    * ``FSDPEngine.optimizer_step``: closes the step (``EngineState.end_step``) after verl's optimizer step, on
+      every rank;
+    * ``FSDPEngine.save_checkpoint`` / ``load_checkpoint``: write / restore the engine's controller state.
+    """
     try:
         from verl.workers.engine.fsdp import transformer_impl as ti
     except Exception:  # pragma: no cover
         return False
+    from rlvr_entropy.verl.state import state_of
+
     if not getattr(ti._scale_logits_by_temperature, "_rlvr_entropy", False):
         orig = ti._scale_logits_by_temperature
 
@@ -115,20 +190,113 @@ def install_logits_hook() -> bool:
 
         _scale_logits_by_temperature._rlvr_entropy = True  # type: ignore[attr-defined]
         ti._scale_logits_by_temperature = _scale_logits_by_temperature
-    cls = ti.FSDPEngineWithLMHead
-    if not getattr(cls.forward_step, "_rlvr_entropy", False):
-        orig_step = cls.forward_step
 
-        @functools.wraps(orig_step)
+    def hook(cls: Any, name: str, make: Any) -> None:
+        fn = cls.__dict__.get(name)
+        if fn is None:  # pragma: no cover  (another verl version)
+            raise RuntimeError(f"rlvr-entropy: {cls.__name__}.{name} is not defined where verl 0.9.1 defines it; "
+                               "this verl version is not supported by the engine hooks")
+        if getattr(fn, "_rlvr_entropy", False):
+            return
+        new = functools.wraps(fn)(make(fn))
+        new._rlvr_entropy = True
+        setattr(cls, name, new)
+
+    def forward_step(orig):
         def forward_step(self, micro_batch, loss_function, forward_only):
-            if not wants_logits(loss_function, forward_only):
-                return orig_step(self, micro_batch, loss_function, forward_only)
-            with capture_logits():
-                return orig_step(self, micro_batch, loss_function, forward_only)
+            st = state_of(self)
+            with step_context(st, observe=not forward_only, capture=wants_logits(loss_function, st)):
+                return orig(self, micro_batch, loss_function, forward_only)
+        return forward_step
 
-        forward_step._rlvr_entropy = True  # type: ignore[attr-defined]
-        cls.forward_step = forward_step
+    def optimizer_step(orig):
+        def optimizer_step(self, *args, **kwargs):
+            out = orig(self, *args, **kwargs)
+            state_of(self).end_step()
+            return out
+        return optimizer_step
+
+    def save_checkpoint(orig):
+        def save_checkpoint(self, local_path, *args, **kwargs):
+            out = orig(self, local_path, *args, **kwargs)
+            if local_path is not None:
+                state_of(self).save(local_path)
+            return out
+        return save_checkpoint
+
+    def load_checkpoint(orig):
+        def load_checkpoint(self, local_path, *args, **kwargs):
+            out = orig(self, local_path, *args, **kwargs)
+            if local_path is not None:
+                state_of(self).load(local_path)
+            return out
+        return load_checkpoint
+
+    hook(ti.FSDPEngineWithLMHead, "forward_step", forward_step)
+    hook(ti.FSDPEngine, "optimizer_step", optimizer_step)
+    hook(ti.FSDPEngine, "save_checkpoint", save_checkpoint)
+    hook(ti.FSDPEngine, "load_checkpoint", load_checkpoint)
     return True
+
+
+def install_logits_hook() -> bool:
+    """Kept name: installs every engine hook (:func:`install_engine_hooks`)."""
+    return install_engine_hooks()
+
+
+ENGINE_MODULE = "verl.workers.engine.fsdp.transformer_impl"
+
+
+class _Loader(importlib.abc.Loader):
+    """Runs the real loader, then ``after(module)``."""
+
+    def __init__(self, loader: Any, after: Any) -> None:
+        self.loader, self.after = loader, after
+
+    def create_module(self, spec):
+        return self.loader.create_module(spec)
+
+    def exec_module(self, module) -> None:
+        self.loader.exec_module(module)
+        self.after(module)
+
+    def __getattr__(self, name: str) -> Any:  # get_source, get_filename, ...: the real loader's
+        if name == "loader":
+            raise AttributeError(name)
+        return getattr(self.loader, name)
+
+
+class _AfterImport(importlib.abc.MetaPathFinder):
+    """Meta-path finder that calls ``after(module)`` once module ``name`` has been executed."""
+
+    def __init__(self, name: str, after: Any) -> None:
+        self.name, self.after = name, after
+
+    def find_spec(self, fullname, path, target=None):
+        if fullname != self.name:
+            return None
+        for finder in sys.meta_path:
+            if finder is self or not hasattr(finder, "find_spec"):
+                continue
+            spec = finder.find_spec(fullname, path, target)
+            if spec is not None:
+                if spec.loader is not None and hasattr(spec.loader, "exec_module"):
+                    spec.loader = _Loader(spec.loader, self.after)
+                return spec
+        return None
+
+
+def install_engine_hooks_on_import() -> bool:
+    """Install the engine hooks now if verl's FSDP engine module is already imported, else right after it is.
+
+    What the plugin does on ``import verl``: importing the engine module resolves verl's platform
+    (``transformer_impl.device_name = get_device_name()``), so importing it from the plugin would fix the platform
+    before a user or another plugin registers theirs (e.g. a CPU platform). True when installed now."""
+    if ENGINE_MODULE in sys.modules:
+        return install_engine_hooks()
+    if not any(isinstance(f, _AfterImport) and f.name == ENGINE_MODULE for f in sys.meta_path):
+        sys.meta_path.insert(0, _AfterImport(ENGINE_MODULE, lambda module: install_engine_hooks()))
+    return False
 
 
 def response_logits(captured: torch.Tensor | None, data: Any, name: str) -> torch.Tensor:
@@ -173,5 +341,7 @@ def check_verl_config(name: str, actor_config: Any, model_config: Any = None) ->
                          "actor_rollout_ref.actor.calculate_entropy=True")
 
 
-__all__ = ["needs_logits", "needs_entropy", "check_verl_config", "install_logits_hook", "capture_logits",
-           "take_captured_logits", "response_logits", "wants_logits"]
+__all__ = ["needs_logits", "needs_entropy", "check_verl_config", "install_engine_hooks", "install_logits_hook",
+           "install_engine_hooks_on_import",
+           "capture_logits", "take_captured_logits", "response_logits", "wants_logits", "step_context", "current",
+           "StepContext", "rle_loss_config"]

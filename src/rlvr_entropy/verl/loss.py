@@ -6,7 +6,7 @@ Two ways in:
   log-probs only. Enough for methods that read only log_prob / old_log_prob / advantages / mask.
 * ``entropy_ppo_loss(config, model_output, data, dp_group=None)``: drop-in for
   ``verl.workers.utils.losses.ppo_loss`` that also hands the method the current entropy (``model_output["entropy"]``,
-  with gradient), the old-policy entropy when the batch carries one (``old_entropy`` / ``old_entropys``), and
+  with gradient), the old-policy entropy when the batch carries one (see below), and
   rewards (``rewards``: a [B] tensor, else the row sum of ``token_level_scores``) and, when the batch carries one,
   ``group_reward`` (a [B] tensor: each response's group mean reward, for thermostat's ``solved_at``). Install it with
   ``install_loss()`` (patches the name verl's workers bind) or a driver call ``actor_rollout_wg.set_loss_fn(...)``.
@@ -16,14 +16,19 @@ micro-batch losses sum to the global mini-batch loss (token-mean: x local_tokens
 seq-mean-*: x local_seqs / global_batch_size * dp_size; token-sum: x dp_size). This equals verl's normalization
 exactly for every method whose loss is a masked sum of per-token (or per-sequence) terms.
 
-Controllers update once per mini-batch (optimizer step): verl does not pass the step to the loss, so a new step is
-detected when ``batch_num_tokens`` (the mini-batch's global token count) changes, or, with dp_size 1, when the tokens
-seen since the last step reach it; two consecutive mini-batches with identical token counts under dp_size > 1 are
-merged (rare). A driver can call ``set_step(step)`` to override this.
+State: both paths find the method instance in the :class:`~rlvr_entropy.verl.state.EngineState` of the engine
+running the step, through the step context the engine hooks set (:mod:`rlvr_entropy.verl.hooks`): ``step`` is the
+engine's optimizer-step count (closed by the hook on ``optimizer_step``, never guessed from token counts), every
+statistic spans the engine's DP group (``TorchCollective(dp_group)``) and forward-only passes never change
+controller state (``observe=False``). Called outside a hooked engine step (no step context and no ``state=``), the
+losses raise.
+
+Old-policy entropy (STEER's H): the first of ``old_entropy``, ``entropy`` (what verl 0.9.1's v1 trainer stores in
+the batch: the actor's entropy from the old-log-prob pass), ``old_entropys`` / ``entropys`` (the legacy trainer's
+name) found in the batch; ``model_output["entropy"]`` is always the current policy's.
 """
 from __future__ import annotations
 
-import dataclasses
 from typing import Any
 
 import torch
@@ -31,16 +36,7 @@ import torch
 from rlvr_entropy.core.batch import TokenBatch
 from rlvr_entropy.methods.base import Method, get_method_class
 from rlvr_entropy.verl import PREFIX
-from rlvr_entropy.verl.config import VERL_OWNED, method_from_loss_mode, validate_method_config
-
-#: Live method instances of this process, by method name (their controllers hold the state to checkpoint).
-METHODS: dict[str, Method] = {}
-_STEP: dict[str, Any] = {"forced": None, "step": 0, "bnt": None, "seen": 0}
-
-
-def set_step(step: int | None) -> None:
-    """Force the optimizer step seen by the controllers (None: automatic detection)."""
-    _STEP["forced"] = step
+from rlvr_entropy.verl.config import VERL_OWNED, method_from_loss_mode
 
 
 def _to_float(x: Any) -> float | None:
@@ -63,46 +59,25 @@ def pg_fields(actor_config: Any) -> dict[str, Any]:
             "norm_length": None if lsf is None else int(lsf)}
 
 
-def method_for(name: str, actor_config: Any) -> Method:
-    """The (cached) method instance for ``name`` configured from ``actor_config``; state survives config rebuilds."""
-    pl = actor_config.get("policy_loss", None) or {}
-    own = pl.get("method", "") or method_from_loss_mode(pl.get("loss_mode", ""))
-    cfg = validate_method_config(name, pl.get("method_config", {}) if own == name else {})
-    cls = get_method_class(name)
-    fields = {f.name for f in dataclasses.fields(cls.Config)}
-    pg = {k: v for k, v in pg_fields(actor_config).items() if k in fields}
-    if name in ("clip_cov", "kl_cov"):  # verl's own clip_cov / kl_cov ignore clip_ratio_c: match them
-        pg["dual_clip"] = None
-    config = cls.Config(**pg, **cfg)
-    m = METHODS.get(name)
-    if m is None or m.config != config:
-        new = cls(config)
-        if m is not None:
-            new.load_state_dict(m.state_dict())
-        else:
-            from rlvr_entropy.verl.state import restore_pending
-
-            restore_pending(name, new)
-        METHODS[name] = m = new
-    return m
+def method_for(name: str, actor_config: Any, state: Any = None) -> Method:
+    """The method instance ``name`` of ``state`` (default: the active step context's), configured from
+    ``actor_config``."""
+    return _owner(name, state).method(name, actor_config)
 
 
-def _detect_step(mask: torch.Tensor, gbi: dict[str, Any]) -> int:
-    if _STEP["forced"] is not None:
-        return int(_STEP["forced"])
-    bnt = _to_float(gbi.get("batch_num_tokens"))
-    dp = _to_float(gbi.get("dp_size")) or 1.0
-    local = int(mask.sum())
-    if bnt is None:  # no global info: every call is a step
-        _STEP["step"] += 1
-        return _STEP["step"]
-    # dp == 1: the micro-batches of a mini-batch hold exactly batch_num_tokens tokens; dp > 1: ranks are not
-    # balanced exactly, so only a change of the global token count marks a new mini-batch
-    if _STEP["bnt"] != bnt or (dp == 1 and _STEP["seen"] >= bnt - 0.5):
-        _STEP["step"] += 1
-        _STEP["bnt"], _STEP["seen"] = bnt, 0
-    _STEP["seen"] += local
-    return _STEP["step"]
+def _owner(name: str, state: Any = None):
+    if state is not None:
+        return state
+    from rlvr_entropy.verl import hooks
+
+    ctx = hooks.current()
+    if ctx is None:
+        raise ValueError(f"{PREFIX}{name}: called outside a hooked verl engine step, so there is no owner for the "
+                         "method's state, step count and process group. Use verl's FSDP engine with the hooks "
+                         "installed (the plugin does it on `import verl`; or rlvr_entropy.verl.hooks."
+                         "install_engine_hooks() before the engine runs), or pass state=EngineState(dp_group) and "
+                         "call state.end_step() after each optimizer step")
+    return ctx.state
 
 
 def _scale(mode: str, mask: torch.Tensor, gbi: dict[str, Any]) -> float | torch.Tensor:
@@ -127,7 +102,7 @@ def _scale(mode: str, mask: torch.Tensor, gbi: dict[str, Any]) -> float | torch.
 
 def _explain(name: str, err: ValueError, has_entropy: bool) -> ValueError:
     msg = str(err)
-    if "logits" in getattr(METHODS.get(name), "needs", ()):
+    if "logits" in get_method_class(name).needs:
         return ValueError(f"rlvr-entropy method {name!r} needs the full logits, which verl's own ppo_loss does not "
                           "hand to a policy loss: install the entropy-aware loss and its logits hook "
                           "(RLVR_ENTROPY_VERL_LOSS=1 or rlvr_entropy.verl.loss.install_loss()), see "
@@ -143,23 +118,33 @@ def method_loss(name: str, *, old_log_prob: torch.Tensor, log_prob: torch.Tensor
                 response_mask: torch.Tensor, config: Any, rollout_is_weights: torch.Tensor | None = None,
                 entropy: torch.Tensor | None = None, old_entropy: torch.Tensor | None = None,
                 logits: torch.Tensor | None = None, rewards: torch.Tensor | None = None,
-                group_reward: torch.Tensor | None = None,
+                group_reward: torch.Tensor | None = None, state: Any = None, observe: bool | None = None,
                 ) -> tuple[torch.Tensor, dict[str, Any]]:
-    """Loss [] and float metrics of method ``name`` on one padded verl micro-batch ([B, T] tensors)."""
+    """Loss [] and float metrics of method ``name`` on one padded verl micro-batch ([B, T] tensors).
+
+    ``state``: the owning EngineState (default: the active step context's); ``observe``: whether controllers
+    measure this call (default: the step context's, True with an explicit state and no context)."""
     if rollout_is_weights is not None:
         raise ValueError(f"{PREFIX}{name}: rollout correction weights (policy_loss.rollout_correction) are not "
                          "supported by rlvr-entropy methods; disable rollout correction")
-    method = method_for(name, config)
+    from rlvr_entropy.verl import hooks
+
+    owner = _owner(name, state)
+    if observe is None:
+        ctx = hooks.current()
+        observe = ctx.observe if ctx is not None and ctx.state is owner else True
+    method = owner.method(name, config)
     gbi = dict(getattr(config, "global_batch_info", {}) or {})
     mask = response_mask.to(torch.bool)
     batch = TokenBatch(log_prob=log_prob, old_log_prob=old_log_prob, advantages=advantages, mask=mask,
                        entropy=entropy, old_entropy=old_entropy, logits=logits, rewards=rewards,
                        group_reward=group_reward)
-    step = _detect_step(mask, gbi)
     try:
-        out = method.compute_loss(batch, step=step)
+        out = method.compute_loss(batch, step=owner.step, observe=observe)
     except ValueError as e:
         raise _explain(name, e, entropy is not None) from e
+    if observe:
+        owner.observed(name)
     loss = out.loss * _scale(method.config.loss_agg_mode, mask, gbi)
     metrics = {f"actor/{k}": (float(v.detach().float()) if isinstance(v, torch.Tensor) else v)
                for k, v in out.metrics.items()}
@@ -183,12 +168,18 @@ def make_registered_loss(name: str):
     return loss_fn
 
 
-def entropy_ppo_loss(config: Any, model_output: dict[str, Any], data: Any, dp_group: Any = None):
+#: Batch keys holding the old policy's entropy, in the order they are looked up (v1 trainer: "entropy").
+OLD_ENTROPY_KEYS = ("old_entropy", "entropy", "old_entropys", "entropys")
+
+
+def entropy_ppo_loss(config: Any, model_output: dict[str, Any], data: Any, dp_group: Any = None, *,
+                     state: Any = None, observe: bool | None = None):
     """Drop-in for ``verl.workers.utils.losses.ppo_loss`` that feeds entropy (and rewards) to the method.
 
     Same outputs as verl's: (loss, metrics) with ``actor/pg_loss``, the entropy bonus ``- entropy_coeff * H`` when
     entropy is computed, and the KL loss when ``use_kl_loss``. With a non-rlvr-entropy ``loss_mode`` it defers to
-    verl's own ``ppo_loss``.
+    verl's own ``ppo_loss``. ``dp_group`` (what verl's engine passes) must be the owning engine's data-parallel
+    group; ``state`` / ``observe``: see :func:`method_loss` (the hooked engine supplies both).
     """
     from verl.trainer.ppo.core_algos import agg_loss, kl_penalty
     from verl.utils.metric import AggregationType, Metric
@@ -213,16 +204,21 @@ def entropy_ppo_loss(config: Any, model_output: dict[str, Any], data: Any, dp_gr
     else:
         agg = AggregationType.MEAN
 
+    owner = _owner(name, state)
+    owner.check_group(dp_group)
+    keys = set(data.keys())
+    old_keys = [k for k in OLD_ENTROPY_KEYS if k in keys]
+    if len(old_keys) > 1:
+        raise ValueError(f"{PREFIX}{name}: the batch carries the old-policy entropy under several keys {old_keys}; "
+                         f"keep one of {list(OLD_ENTROPY_KEYS)}")
     fields = ["response_mask", "old_log_probs", "advantages"]
-    optional = ["rollout_is_weights", "ref_log_prob", "old_entropy", "old_entropys", "token_level_scores"]
-    fields += [k for k in optional if k in data.keys()]
+    optional = ["rollout_is_weights", "ref_log_prob", *old_keys, "token_level_scores"]
+    fields += [k for k in optional if k in keys]
     rewards = data["rewards"] if "rewards" in data.keys() else None
     group_reward = data["group_reward"] if "group_reward" in data.keys() else None
     pd = data.select(*fields).to_padded_tensor()
     mask = pd["response_mask"].to(bool)
-    old_entropy = pd.get("old_entropy", None)
-    if old_entropy is None:
-        old_entropy = pd.get("old_entropys", None)
+    old_entropy = pd[old_keys[0]] if old_keys else None
     if rewards is None and "token_level_scores" in pd.keys():
         rewards = torch.where(mask, pd["token_level_scores"], 0).sum(-1)
     if isinstance(rewards, torch.Tensor) and rewards.is_nested:
@@ -234,13 +230,14 @@ def entropy_ppo_loss(config: Any, model_output: dict[str, Any], data: Any, dp_gr
     from rlvr_entropy.verl import hooks
 
     captured = hooks.take_captured_logits()
-    if "logits" in method_for(name, config).needs:  # instance-level: entropy_bonus needs logits only when clamped
+    if "logits" in owner.method(name, config).needs:  # instance-level: entropy_bonus needs logits only when clamped
         logits = hooks.response_logits(captured, data, name)
     del captured
     pg_loss, pg_metrics = method_loss(
         name, old_log_prob=pd["old_log_probs"], log_prob=log_prob, advantages=pd["advantages"], response_mask=mask,
         config=config, rollout_is_weights=pd.get("rollout_is_weights", None), entropy=entropy,
-        old_entropy=old_entropy, rewards=rewards, logits=logits, group_reward=group_reward)
+        old_entropy=old_entropy, rewards=rewards, logits=logits, group_reward=group_reward, state=owner,
+        observe=observe)
     metrics: dict[str, Any] = dict(Metric.from_dict(pg_metrics, aggregation=AggregationType.MEAN))
     metrics["actor/pg_loss"] = Metric(value=pg_loss, aggregation=agg)
     policy_loss = pg_loss
@@ -268,24 +265,26 @@ def _VERL_PPO_LOSS(config, model_output, data, dp_group=None):
 
 
 def install_loss() -> None:
-    """Make verl's workers bind ``entropy_ppo_loss``: patches ``ppo_loss`` in ``verl.workers.utils.losses`` and
-    ``verl.workers.engine_workers`` (the name the actor worker binds with ``partial(ppo_loss, config=...)``).
-    Must run in each worker process before ``init_model``; the plugin does it when ``RLVR_ENTROPY_VERL_LOSS=1``.
-    Non-rlvr-entropy loss modes still go to verl's own ``ppo_loss``."""
+    """Make verl's workers bind ``entropy_ppo_loss``: patches ``ppo_loss`` in ``verl.workers.utils.losses`` (which
+    ``verl.workers.engine_workers`` imports by name when it is first imported; patched there too when it already
+    is: the name the actor worker binds with ``partial(ppo_loss, config=...)``) and installs the engine hooks (now,
+    or right after verl's engine module is imported). Must run in each worker process before ``init_model``; the
+    plugin does it when ``RLVR_ENTROPY_VERL_LOSS=1``. Non-rlvr-entropy loss modes still go to verl's own
+    ``ppo_loss``. Imports nothing that resolves verl's platform."""
+    import sys
+
     from verl.workers.utils import losses as vlosses
 
-    from rlvr_entropy.verl.hooks import install_logits_hook
+    from rlvr_entropy.verl.hooks import install_engine_hooks_on_import
 
-    install_logits_hook()
     if not hasattr(vlosses, "_rlvr_entropy_original_ppo_loss"):
         vlosses._rlvr_entropy_original_ppo_loss = vlosses.ppo_loss
     vlosses.ppo_loss = entropy_ppo_loss
-    try:
-        from verl.workers import engine_workers
-    except Exception:  # pragma: no cover  (engine_workers needs ray, uvicorn, ...)
-        return
-    engine_workers.ppo_loss = entropy_ppo_loss
+    engine_workers = sys.modules.get("verl.workers.engine_workers")
+    if engine_workers is not None:
+        engine_workers.ppo_loss = entropy_ppo_loss
+    install_engine_hooks_on_import()
 
 
-__all__ = ["entropy_ppo_loss", "install_loss", "make_registered_loss", "method_loss", "method_for", "set_step",
-           "pg_fields", "METHODS", "VERL_OWNED"]
+__all__ = ["entropy_ppo_loss", "install_loss", "make_registered_loss", "method_loss", "method_for", "pg_fields",
+           "OLD_ENTROPY_KEYS", "VERL_OWNED"]

@@ -1,10 +1,13 @@
 """verl plugin: ``import verl`` loads this module (entry point group ``verl.plugins``) and registers every
 rlvr-entropy method in ``verl.trainer.ppo.core_algos.POLICY_LOSS_REGISTRY`` as ``rle_<name>``.
 
-Importing the module runs ``register_all()`` (verl's loader only imports the entry point, it does not call it).
+Importing the module runs ``register_all()`` (verl's loader only imports the entry point, it does not call it),
+which also arranges the FSDP engine hooks (``rlvr_entropy.verl.hooks.install_engine_hooks``, run right after verl's
+engine module is imported: step context, one ``end_step`` per optimizer step, controller state in checkpoints);
+without them an rlvr-entropy loss raises.
 Environment:
   RLVR_ENTROPY_VERL_LOSS=1   also install the entropy-aware ppo_loss (``rlvr_entropy.verl.loss.install_loss``).
-  RLVR_ENTROPY_VERL_CKPT=0   do not patch verl's worker save/load_checkpoint for controller state.
+  RLVR_ENTROPY_VERL_HOOKS=0  do not install the engine hooks (verl's own losses keep working; rle_ losses raise).
 """
 from __future__ import annotations
 
@@ -13,6 +16,13 @@ import os
 
 from rlvr_entropy.methods.base import available_methods
 from rlvr_entropy.verl import PREFIX
+
+
+def _flag(name: str, default: str) -> bool:
+    value = os.environ.get(name, default)
+    if value not in ("0", "1"):
+        raise ValueError(f"environment variable {name} must be '0' or '1', got {value!r}")
+    return value == "1"
 
 
 def register_all() -> list[str]:
@@ -30,18 +40,23 @@ def register_all() -> list[str]:
         fn._rlvr_entropy = True  # type: ignore[attr-defined]
         register_policy_loss(key)(fn)
         names.append(key)
+    loss_env, hooks_env = _flag("RLVR_ENTROPY_VERL_LOSS", "0"), _flag("RLVR_ENTROPY_VERL_HOOKS", "1")
     # verl's loader logs plugin failures at debug level only: say it louder here
-    if os.environ.get("RLVR_ENTROPY_VERL_LOSS", "0") == "1":
+    if loss_env:
         try:
             from rlvr_entropy.verl.loss import install_loss
 
             install_loss()
         except Exception as e:  # pragma: no cover
             logging.getLogger(__name__).warning("rlvr-entropy: entropy-aware ppo_loss not installed: %r", e)
-    if os.environ.get("RLVR_ENTROPY_VERL_CKPT", "1") != "0":
-        from rlvr_entropy.verl.state import install_checkpoint_hooks
+    if os.environ.get("RLVR_ENTROPY_VERL_CKPT") is not None:
+        logging.getLogger(__name__).warning("rlvr-entropy: RLVR_ENTROPY_VERL_CKPT is no longer read; the controller "
+                                            "state follows verl's checkpoints (RLVR_ENTROPY_VERL_HOOKS=0 disables "
+                                            "every engine hook)")
+    if hooks_env and not loss_env:
+        from rlvr_entropy.verl.hooks import install_engine_hooks_on_import
 
-        install_checkpoint_hooks()
+        install_engine_hooks_on_import()
     return names
 
 

@@ -1,0 +1,178 @@
+"""verl 0.9.1's own FSDP2 engine on 2 CPU ranks (torchrun, gloo) and on 1 rank, with rlvr-entropy's losses.
+
+The ranks run tests/engines/verl_engine_run.py with the python of .venv-verl (verl without trl: with trl 1.16 in the
+environment verl cannot build an FSDP model; `make setup` creates it). What is checked, for siren, thermostat,
+adaptive_entropy, steer (scope="global") and forking_tokens, each rank with different data:
+
+* one truth across ranks: every controller's state is identical on both ranks, and it is the reduction of both
+  ranks' observations (not either rank's own); global statistics (STEER's M, the forking-tokens quantile) are the
+  same on both ranks and are not a rank's local value;
+* steps from the engine: ppo_epochs=2 x 2 mini-batches with equal token counts are 4 optimizer steps (the old
+  token-count detector merged them into 1); a forward-only pass through the loss changes nothing;
+* checkpoints: one state file, restored by a second engine in the same process (which shares nothing with the
+  first) and by a 1-rank run from the 2-rank checkpoint;
+* use_dynamic_bsz (another micro-batch split) gives the same SIREN anchor as fixed micro-batches;
+* STEER reads the v1 trainer's old entropy (``entropy`` in the batch).
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import subprocess
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+SCRIPT = ROOT / "tests" / "engines" / "verl_engine_run.py"
+VERL_PY = Path(os.environ.get("RLVR_ENTROPY_VERL_PYTHON", ROOT / ".venv-verl" / "bin" / "python"))
+METHODS = ["siren", "thermostat", "adaptive_entropy", "steer", "forking_tokens"]
+CONTROLLED = {"siren": "anchor", "thermostat": "pi", "adaptive_entropy": "coef"}
+
+if not VERL_PY.exists():
+    if os.environ.get("RLVR_ENTROPY_REQUIRE_VERL_ENV") == "1":  # `make test` sets it: a missing env is a failure
+        raise RuntimeError(f"{VERL_PY} is missing: run `make setup` (it creates .venv-verl)")
+    pytest.skip(f"{VERL_PY} is missing (make setup creates .venv-verl)", allow_module_level=True)
+
+
+def _torchrun(nproc: int, phase: str, work: Path, timeout: int) -> dict:
+    torchrun = VERL_PY.parent / "torchrun"
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("RLVR_ENTROPY_VERL", "VERL_"))}
+    env.update(RLVR_ENTROPY_VERL_LOSS="1", OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
+    cmd = [str(torchrun), "--standalone", "--nproc_per_node", str(nproc), str(SCRIPT), "--phase", phase,
+           "--work", str(work)]
+    log = work / f"{phase}.log"
+    with open(log, "w") as f:
+        p = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=env, cwd=ROOT, start_new_session=True)
+        try:
+            rc = p.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(p.pid, signal.SIGKILL)  # torchrun and its ranks: a hang fails instead of blocking
+            p.wait()
+            rc = "timeout"
+    if rc != 0:
+        tail = log.read_text()[-6000:]
+        pytest.fail(f"torchrun {phase} on {nproc} rank(s) failed ({rc}); log tail:\n{tail}")
+    return {r: json.loads((work / f"{phase}_rank{r}.json").read_text()) for r in range(nproc)}
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    work = tmp_path_factory.mktemp("verl_engine")
+    train = _torchrun(2, "train", work, timeout=400)
+    resume = _torchrun(1, "resume", work, timeout=300)
+    return work, train, resume
+
+
+def _losses(rec, observe=True):
+    return [e for e in rec if e["event"] == "loss" and e["observe"] is observe]
+
+
+def _ends(rec):
+    return [e for e in rec if e["event"] == "end_step"]
+
+
+@pytest.mark.parametrize("name", METHODS)
+def test_state_identical_across_ranks_and_steps_from_the_engine(runs, name):
+    _, train, _ = runs
+    a, b = train[0][name], train[1][name]
+    assert a["after_update"] == b["after_update"]  # every controller, the step count, the fingerprint
+    assert a["after_update"]["step"] == 4  # ppo_epochs=2 x 2 mini-batches
+    for rank in (0, 1):
+        rec = train[rank][name]["record"]
+        calls = _losses(rec)
+        assert [c["step"] for c in calls] == [0, 0, 1, 1, 2, 2, 3, 3]  # 2 micro-batches per optimizer step
+        tokens = [c["tokens"] for c in calls]
+        assert tokens[0:2] == tokens[2:4] == tokens[4:6] == tokens[6:8]  # equal token counts, still 4 steps
+        assert len(_ends(rec)) == 4
+        # a forward-only pass through the loss (infer_batch with compute_loss) observes nothing, changes nothing
+        evals = _losses(rec, observe=False)
+        assert evals and all(c["step"] == 4 for c in evals)
+        assert train[rank][name]["after_eval"] == train[rank][name]["after_update"]
+    if name in CONTROLLED:
+        steps = {"siren": None, "thermostat": ("pi", "steps"), "adaptive_entropy": ("coef", "steps")}[name]
+        if steps:
+            assert a["after_update"]["methods"][name][steps[0]][steps[1]] == 4
+
+
+@pytest.mark.parametrize("name", list(CONTROLLED))
+def test_controllers_read_the_reduction_over_both_ranks(runs, name):
+    _, train, _ = runs
+    for step in range(4):
+        e0, e1 = _ends(train[0][name]["record"])[step], _ends(train[1][name]["record"])[step]
+        assert e0["reduced"] == e1["reduced"]
+        assert list(e0["reduced"].values()) == [x + y for x, y in zip(e0["local"], e1["local"])]  # float64, exact
+        assert e0["state"] == e1["state"]
+    first0, first1 = _ends(train[0][name]["record"])[0], _ends(train[1][name]["record"])[0]
+    red = list(first0["reduced"].values())
+    glob = red[0] / red[1]
+    own = [first0["local"][0] / first0["local"][1], first1["local"][0] / first1["local"][1]]
+    assert min(abs(glob - o) for o in own) > 1e-3  # the ranks' data differ: the reduction is not a rank's own
+    s = train[0][name]["after_update"]["methods"][name]
+    if name == "siren":
+        assert s["anchor"]["value"] == pytest.approx(glob, rel=1e-12)
+    elif name == "thermostat":
+        assert s["pi"]["target_start"] == pytest.approx(glob, rel=1e-6)
+    else:
+        assert first0["state"]["coef"]["last_entropy"] == pytest.approx(glob, rel=1e-12)
+
+
+def test_steer_global_scope_spans_both_ranks_and_reads_the_old_entropy(runs):
+    _, train, _ = runs
+    c0, c1 = _losses(train[0]["steer"]["record"]), _losses(train[1]["steer"]["record"])
+    differs = 0
+    for x, y in zip(c0, c1):
+        M = x["metrics"]["steer/omega_max"]
+        assert M == y["metrics"]["steer/omega_max"]
+        assert M == pytest.approx(max(x["local_M"], y["local_M"]), rel=1e-6)
+        differs += not math.isclose(M, x["local_M"], rel_tol=1e-6) or not math.isclose(M, y["local_M"], rel_tol=1e-6)
+        assert x["old_entropy_given"] and y["old_entropy_given"]  # the v1 trainer's "entropy" (old policy)
+    assert differs == len(c0)  # on every micro-batch one rank's own M is not the global one
+
+
+def test_forking_tokens_quantile_spans_both_ranks(runs):
+    _, train, _ = runs
+    c0, c1 = _losses(train[0]["forking_tokens"]["record"]), _losses(train[1]["forking_tokens"]["record"])
+    local_differs = 0
+    for x, y in zip(c0, c1):
+        t = x["metrics"]["forking_tokens/threshold"]
+        assert t == y["metrics"]["forking_tokens/threshold"]
+        local_differs += abs(t - x["local_threshold"]) > 1e-4 or abs(t - y["local_threshold"]) > 1e-4
+    assert local_differs >= len(c0) - 1
+
+
+@pytest.mark.parametrize("name", METHODS)
+def test_one_state_file_restored_on_two_ranks_and_on_one(runs, name):
+    import torch
+
+    work, train, resume = runs
+    saved = train[0][name]["after_eval"]
+    files = sorted(p.name for p in (work / "ckpt" / name).glob("rlvr_entropy_state*"))
+    assert files == ["rlvr_entropy_state.pt"]
+    on_disk = torch.load(work / "ckpt" / name / "rlvr_entropy_state.pt", weights_only=False)
+    assert on_disk["step"] == saved["step"] and on_disk["methods"] == saved["methods"]
+    assert train[0]["second_engine_fresh"] is None  # a second engine in the same process shares nothing
+    for rank in (0, 1):
+        assert train[rank][name]["loaded"]["fingerprint"] == saved["fingerprint"]
+    one = resume[0][name]  # one engine resumed every method's checkpoint in turn
+    assert one["loaded"]["step"] == saved["step"]  # 1 rank resumes the 2-rank state
+    assert one["loaded"]["methods"][name] == saved["methods"][name]
+    assert one["after_update"]["step"] == 6  # 4 + ppo_epochs=2 x 1 mini-batch on one rank
+    if name == "thermostat":
+        assert one["after_update"]["methods"][name]["pi"]["steps"] == 6
+        assert one["after_update"]["methods"][name]["pi"]["target_start"] == saved["methods"][name]["pi"][
+            "target_start"]
+    if name == "siren":
+        assert one["after_update"]["methods"][name] == saved["methods"][name]  # the anchor is kept, not re-measured
+
+
+def test_dynamic_batch_size_gives_the_same_anchor(runs):
+    _, train, _ = runs
+    for rank in (0, 1):
+        fixed = train[rank]["siren"]["after_update"]["methods"]["siren"]["anchor"]["value"]
+        dyn = train[rank]["siren_dynamic"]["after_update"]["methods"]["siren"]["anchor"]["value"]
+        assert dyn == pytest.approx(fixed, rel=1e-9, abs=0)
+        calls = [c["step"] for c in _losses(train[rank]["siren_dynamic"]["record"])]
+        assert calls == [0, 1, 2, 3]  # really another split: one micro-batch per step instead of two

@@ -1,31 +1,32 @@
 """Hugging Face TRL engine: ``EntropyGRPOTrainer``, a ``trl.GRPOTrainer`` that delegates its loss to any
 registered rlvr-entropy method.
 
-Tested with trl 1.16.x (the only module besides ``rlvr_entropy.verl`` that imports an engine).
+Tested with trl 1.16.x (the only module besides ``rlvr_entropy.verl`` that imports an engine). See
+docs/engines/trl.md for the user's view; in short:
 
-How it plugs in (see docs/engines/trl.md):
 - ``_compute_loss`` is overridden (TRL's public ``compute_loss`` calls it). The trainer's inputs (prompt and
-  completion ids and masks, advantages [B] or [B, T], old log-probs when off-policy) become a
+  completion ids and masks, advantages [B] or [B, T], old log-probs when off-policy, multimodal inputs) become a
   :class:`rlvr_entropy.TokenBatch`; the method returns the loss and its metrics.
-- Methods whose ``needs`` include ``"logits"`` (siren, lp_reg, entropy_bonus with AEnt clamping) get full logits
-  from the model's ordinary forward, divided by the sampling temperature; log-probs come from the same logits and
-  entropies from :func:`rlvr_entropy.stats.entropy` (chunked). Every other method keeps TRL's fused LM-head path,
-  which never builds [B, T, V] logits.
-- Normalization follows TRL so that gradient accumulation and multi-process runs scale as TRL's own losses do:
-  a method aggregating with "token-mean" is rescaled to TRL's "dapo" normalizer (valid tokens of the whole
-  accumulation window across processes); any other aggregation is divided by the accumulation steps, like TRL's
-  "grpo". With method "grpo" this reproduces GRPOTrainer's loss for loss_type "dapo" (token-mean) and "grpo"
-  (seq-mean-token-mean), which the tests check.
-- ``old_entropy`` (STEER): TRL does not compute the old policy's entropies. When the step is on-policy (no
-  ``old_per_token_logps`` in the inputs) it equals the current entropy, detached, which is what is passed; in the
-  off-policy case the current entropy (detached) is passed as an approximation.
-- Metrics go to TRL's logs under the method's name ("siren/selected_entropy", ...). The method's controller state
-  (SIREN's anchor, adaptive coefficients) is written to ``rlvr_entropy_state.json`` in every checkpoint and
-  restored on resume.
+- GRPOConfig owns the policy-gradient settings (:data:`TRL_OWNED`), as verl's actor config does for the verl
+  engine: ``loss_type`` gives the method's aggregation and TRL's normalization, ``epsilon``/``epsilon_high`` the
+  clip range, ``delta`` the dual clip. A method_config that sets one of them to another value raises, and so does
+  every GRPOConfig option that cannot be mapped exactly (``loss_type`` cispo / sapo / vespo, TRL's own entropy
+  bonus and entropy mask, sequence-level importance sampling).
+- The step protocol (``Method`` in rlvr_entropy.methods.base): ``compute_loss(..., observe=(mode == "train"))`` on
+  every micro-batch, ``method.end_step()`` once per optimizer step on every rank (``on_step_end``), through a
+  :class:`~rlvr_entropy.core.dist.TorchCollective` over accelerate's processes when there is more than one. The
+  controller state is therefore one state for the run, identical on every rank; evaluation never changes it.
+- Method metrics are accumulated per process and reduced once per optimizer step (and once per evaluation) as one
+  tensor over the union of every rank's keys: no per-key collective, so ranks whose micro-batches emit different
+  keys (a fully masked micro-batch) cannot hang.
+- Checkpoints hold the controller state once (``rlvr_entropy_state.json``), checked identical on every rank at save,
+  restored on resume, on any world size.
 """
 from __future__ import annotations
 
+import hashlib
 import json
+import math
 import os
 from typing import Any
 
@@ -34,23 +35,128 @@ from transformers import TrainerCallback
 from trl import GRPOTrainer
 
 from rlvr_entropy import stats
+from rlvr_entropy.core.aggregation import agg_loss, masked_sum
 from rlvr_entropy.core.batch import TokenBatch
+from rlvr_entropy.core.dist import Collective, LocalCollective, TorchCollective
 from rlvr_entropy.diagnostics import EntropyChangeProbe
 from rlvr_entropy.methods.base import Method, get_method_class, make_method
 
 STATE_FILE = "rlvr_entropy_state.json"
 
+#: GRPOConfig.loss_type -> the method's loss_agg_mode. The normalization that follows is TRL's (see
+#: ``EntropyGRPOTrainer._normalize``): together they reproduce TRL's loss exactly for method grpo.
+LOSS_TYPES: dict[str, str] = {
+    "grpo": "seq-mean-token-mean",         # mean over the B rows (empty ones count) of token means, / accumulation
+    "bnpo": "token-mean",                  # token mean of the micro-batch, / accumulation
+    "dr_grpo": "seq-mean-token-sum-norm",  # token sum / (B * max_completion_length), / accumulation
+    "dapo": "token-mean",                  # token sum / tokens of the accumulation window over every process
+    "luspo": "seq-mean-token-sum",         # mean over the B rows of token sums, / accumulation
+}
+#: loss types whose surrogate is not the PPO clipped ratio every method builds on
+UNMAPPED_LOSS_TYPES: dict[str, str] = {
+    "cispo": "a clipped-IS-weight REINFORCE surrogate",
+    "sapo": "a soft sigmoid gate instead of the clipped ratio",
+    "vespo": "sequence-level gamma weights instead of the clipped ratio",
+}
+#: PGConfig fields GRPOConfig decides (PGConfig.clamp_log_ratio stays the method's: TRL does not clamp the ratio)
+TRL_OWNED: tuple[str, ...] = ("eps_low", "eps_high", "dual_clip", "loss_agg_mode", "norm_length")
+#: the multimodal inputs TRL 1.16 passes to the policy's forward (_get_per_token_logps_and_entropies)
+MULTIMODAL_KEYS: tuple[str, ...] = ("pixel_values", "image_grid_thw", "num_images", "pixel_attention_mask",
+                                    "spatial_shapes", "num_tiles", "image_sizes", "token_type_ids",
+                                    "mm_token_type_ids", "image_position_ids")
 
-def resolve_method(method: str | Method, method_config: dict[str, Any] | None = None) -> Method:
-    """A Method from a registered name (+ config overrides) or an instance (then method_config must be None)."""
+
+def trl_pg_settings(args: Any) -> dict[str, tuple[Any, str]]:
+    """The PG fields GRPOConfig ``args`` decides: ``{field: (value, "where it comes from in GRPOConfig")}``.
+
+    Raises ValueError, naming the option, for what has no exact equivalent."""
+    lt = args.loss_type
+    if lt in UNMAPPED_LOSS_TYPES:
+        raise ValueError(f"GRPOConfig.loss_type={lt!r} ({UNMAPPED_LOSS_TYPES[lt]}) has no rlvr-entropy equivalent; "
+                         f"use one of {sorted(LOSS_TYPES)}")
+    if lt not in LOSS_TYPES:
+        raise ValueError(f"GRPOConfig.loss_type must be one of {sorted(LOSS_TYPES)}, got {lt!r}")
+    eps_low = float(args.epsilon)
+    high_src = "epsilon_high" if args.epsilon_high is not None else "epsilon (epsilon_high is None)"
+    eps_high = float(args.epsilon_high if args.epsilon_high is not None else args.epsilon)
+    dual_clip = None
+    if args.delta is not None:
+        # TRL clamps the ratio at delta before the min; for delta > 1 + epsilon_high that is exactly the dual clip
+        # (A < 0: bound -delta A; A > 0: the clip at 1 + epsilon_high binds first). Below it the two differ.
+        if not (isinstance(args.delta, (int, float)) and math.isfinite(args.delta) and args.delta > 1.0 + eps_high):
+            raise ValueError(f"GRPOConfig.delta={args.delta!r}: only delta > 1 + epsilon_high ({1.0 + eps_high}) maps "
+                             "exactly (onto the method's dual_clip); set delta=None or a larger value")
+        dual_clip = float(args.delta)
+    norm_length = int(args.max_completion_length) if lt == "dr_grpo" else None
+    return {
+        "eps_low": (eps_low, "epsilon"),
+        "eps_high": (eps_high, high_src),
+        "dual_clip": (dual_clip, "delta"),
+        "loss_agg_mode": (LOSS_TYPES[lt], f"loss_type={lt!r}"),
+        "norm_length": (norm_length, f"loss_type={lt!r} / max_completion_length"),
+    }
+
+
+def resolve_method(method: str | Method, method_config: dict[str, Any] | None = None, args: Any = None) -> Method:
+    """A Method from a registered name (+ config overrides) or an instance (then method_config must be None).
+
+    With ``args`` (a GRPOConfig), the PG fields it owns (:data:`TRL_OWNED`) are taken from it; a method_config (or an
+    instance's config) that sets one of them to a different value raises, naming both."""
     if isinstance(method, Method):
         if method_config:
             raise ValueError("method_config must be None when method is a Method instance")
+        if args is not None:
+            owned = trl_pg_settings(args)
+            diff = {k: (getattr(method.config, k), v, src) for k, (v, src) in owned.items()
+                    if getattr(method.config, k) != v}
+            if diff:
+                lines = "; ".join(f"method.config.{k}={ours!r} vs GRPOConfig.{src} -> {v!r}"
+                                  for k, (ours, v, src) in diff.items())
+                raise ValueError(f"the {method.name!r} instance's PG settings differ from GRPOConfig's ({lines}); "
+                                 "GRPOConfig owns them: build the method with these values, or pass it by name")
         return method
     if not isinstance(method, str):
         raise ValueError(f"method must be a registered name or a Method, got {type(method).__name__}")
     get_method_class(method)  # clear error for unknown names
-    return make_method(method, **(method_config or {}))
+    cfg = dict(method_config or {})
+    if args is not None:
+        owned = trl_pg_settings(args)
+        for k, (v, src) in owned.items():
+            if k in cfg and cfg[k] != v:
+                raise ValueError(f"method_config[{k!r}]={cfg[k]!r} conflicts with GRPOConfig.{src} -> {v!r}: "
+                                 f"GRPOConfig owns the policy-gradient settings {list(TRL_OWNED)}; drop {k!r} from "
+                                 "method_config or set GRPOConfig to the value you want")
+            cfg[k] = v
+        try:
+            return make_method(method, **cfg)
+        except ValueError as e:
+            raise ValueError(f"method {method!r} with GRPOConfig's PG settings "
+                             f"({ {k: v for k, (v, _) in owned.items()} }): {e}") from e
+    return make_method(method, **cfg)
+
+
+def trl_forward_inputs(inputs: dict[str, Any]) -> dict[str, Any]:
+    """The multimodal model inputs TRL 1.16's ``_get_per_token_logps_and_entropies`` passes to the forward when the
+    batch is scored in one chunk (as ``_compute_loss`` does): same keys, whole tensors."""
+    g = inputs.get
+    pv = g("pixel_values")
+    out: dict[str, Any] = {}
+    if g("image_grid_thw") is not None and pv is not None:
+        out.update(pixel_values=pv, image_grid_thw=g("image_grid_thw"))
+    elif g("image_position_ids") is not None and pv is not None:
+        out.update(pixel_values=pv, image_position_ids=g("image_position_ids"))
+    elif g("spatial_shapes") is not None and pv is not None:  # LFM2-VL, tile-indexed
+        out.update(pixel_values=pv, spatial_shapes=g("spatial_shapes"))
+        if g("pixel_attention_mask") is not None:
+            out["pixel_attention_mask"] = g("pixel_attention_mask")
+    elif pv is not None:
+        out["pixel_values"] = pv
+    if g("pixel_attention_mask") is not None and g("spatial_shapes") is None:
+        out["pixel_attention_mask"] = g("pixel_attention_mask")
+    for k in ("image_sizes", "token_type_ids", "mm_token_type_ids"):
+        if g(k) is not None:
+            out[k] = g(k)
+    return out
 
 
 def _to_jsonable(x: Any) -> Any:
@@ -63,35 +169,77 @@ def _to_jsonable(x: Any) -> Any:
     return x
 
 
+def _union_keys(dist: Collective, keys: list[str]) -> list[str]:
+    """Sorted union of every rank's ``keys`` (one all-gather of their UTF-8 bytes; every rank must call it)."""
+    if not dist.is_distributed:
+        return sorted(set(keys))
+    local = "".join(k + "\n" for k in keys).encode("utf-8")
+    allb = dist.all_gather(torch.tensor(list(local), dtype=torch.int64))
+    return sorted({k for k in bytes(allb.tolist()).decode("utf-8").split("\n") if k})
+
+
+class MetricSums:
+    """Per-process running (weighted sum, weight) of each metric since the last :meth:`reduce`."""
+
+    def __init__(self) -> None:
+        self.sums: dict[str, list[float]] = {}
+
+    def add(self, key: str, value: Any, weight: Any = 1.0) -> None:
+        """Add ``value`` (a number or tensor; a tensor is averaged) with ``weight``; NaN/inf values only register
+        the key."""
+        v = float(value.detach().float().mean()) if isinstance(value, torch.Tensor) else float(value)
+        w = float(weight)
+        s = self.sums.setdefault(key, [0.0, 0.0])
+        if math.isfinite(v) and w > 0:
+            s[0] += v * w
+            s[1] += w
+
+    def reduce(self, dist: Collective) -> dict[str, float]:
+        """{key: sum over every rank of value * weight / sum of weights} (NaN where no rank had a finite value) over
+        the union of every rank's keys, then reset. Two collectives whatever the keys (every rank must call it)."""
+        keys = _union_keys(dist, list(self.sums))
+        local = torch.tensor([v for k in keys for v in self.sums.get(k, (0.0, 0.0))], dtype=torch.float64)
+        self.sums = {}
+        if not keys:
+            return {}
+        tot = dist.all_reduce_sum(local).view(-1, 2).tolist()
+        return {k: (s / w if w > 0 else float("nan")) for k, (s, w) in zip(keys, tot)}
+
+
 class EntropyGRPOTrainer(GRPOTrainer):
     """``GRPOTrainer`` whose policy loss is an rlvr-entropy method.
 
     Args:
         method: a registered method name (``rlvr_entropy.available_methods()``) or a Method instance.
-        method_config: config overrides for a named method (paper defaults otherwise).
+        method_config: config overrides for a named method (paper defaults otherwise), except the PG fields GRPOConfig
+            owns (:data:`TRL_OWNED`: set ``loss_type``, ``epsilon``, ``epsilon_high``, ``delta`` there; the same value
+            here is accepted, a different one raises).
         diagnostics_every: every this many optimizer steps, probe the entropy change of the update: predicted per
             token (exact first-order and STEER's closed form) on the step's first micro-batch, measured after the
-            optimizer step; Pearson/Spearman correlations are logged as "entropy_change/<form>/..." and every probe
-            is appended to ``<output_dir>/entropy_change.jsonl``. None (default) disables it.
+            optimizer step; Pearson/Spearman correlations are logged as "entropy_change/<form>/..." (averaged over
+            processes) and every probe of the main process is appended to ``<output_dir>/entropy_change.jsonl``.
+            None (default) disables it.
         *args, **kwargs: passed to ``trl.GRPOTrainer`` unchanged.
 
-    TRL's own ``loss_type``, ``epsilon``/``epsilon_high``, ``top_entropy_quantile`` and entropy bonus are not used
-    by the loss: the method's config decides. Setting TRL's entropy bonus or entropy mask together with a method
-    raises, to avoid applying two interventions by accident; ``beta`` (KL to a reference) is added on top as in TRL.
+    TRL's own entropy bonus (``entropy_coef``, ``use_adaptive_entropy``), ``top_entropy_quantile``, ``loss_type``
+    cispo / sapo / vespo and ``importance_sampling_level="sequence"`` raise: use the methods entropy_bonus,
+    adaptive_entropy, forking_tokens. ``beta`` (KL to a reference, with ``use_bias_correction_kl``),
+    ``off_policy_mask_threshold``, the vLLM importance-sampling correction and the MoE router aux loss are applied as
+    TRL applies them.
     """
 
     def __init__(self, *args: Any, method: str | Method = "grpo", method_config: dict[str, Any] | None = None,
                  diagnostics_every: int | None = None, **kwargs: Any) -> None:
-        self.method = resolve_method(method, method_config)
+        if isinstance(method, str):
+            get_method_class(method)  # fail on unknown names before building the trainer
         if diagnostics_every is not None and (not isinstance(diagnostics_every, int) or diagnostics_every < 1):
             raise ValueError(f"diagnostics_every must be a positive int or None, got {diagnostics_every!r}")
         self.diagnostics_every = diagnostics_every
         self.entropy_change_records: list = []
         self._probe = EntropyChangeProbe()
         self._probe_inputs: tuple | None = None
+        self._metric_sums = {"train": MetricSums(), "eval": MetricSums()}
         super().__init__(*args, **kwargs)
-        if diagnostics_every is not None:
-            self.add_callback(_ProbeCallback(self))
         if getattr(self, "_entropy_bonus_enabled", False):
             raise ValueError("TRL's entropy_coef / use_adaptive_entropy cannot be combined with an rlvr-entropy "
                              "method; use method='entropy_bonus' or 'adaptive_entropy' instead")
@@ -99,7 +247,14 @@ class EntropyGRPOTrainer(GRPOTrainer):
             raise ValueError("TRL's top_entropy_quantile cannot be combined with an rlvr-entropy method; use "
                              "method='forking_tokens' instead")
         if self.importance_sampling_level != "token":
-            raise ValueError("EntropyGRPOTrainer supports importance_sampling_level='token' only")
+            raise ValueError(f"GRPOConfig.importance_sampling_level={self.importance_sampling_level!r}: "
+                             "EntropyGRPOTrainer supports 'token' only")
+        self.method = resolve_method(method, method_config, self.args)
+        self.collective: Collective = (TorchCollective() if self.accelerator.num_processes > 1
+                                       else LocalCollective())
+        self.method.set_collective(self.collective)
+        # first, so that other callbacks' on_step_end see the step's controller update
+        self.callback_handler.callbacks.insert(0, _StepCallback(self))
 
     # ------------------------------------------------------------------------------------ rewards
     def _calculate_rewards(self, inputs, prompts, completions, completion_ids_list):
@@ -117,20 +272,33 @@ class EntropyGRPOTrainer(GRPOTrainer):
             n = out["completion_ids"].size(0)
             start = self.accelerator.process_index * n
             out["rewards"] = rewards[start:start + n]
-            # success rate of each completion's group (TRL's groups: num_generations consecutive completions)
+            # each completion's group statistics (TRL's groups: num_generations consecutive completions): mean
+            # (the success rate for 0/1 rewards), unbiased std (0 for a group of one), size
             g = self.num_generations if self.model.training else self.num_generations_eval
-            group = rewards.view(-1, g).mean(1).repeat_interleave(g)
-            out["group_reward"] = group[start:start + n]
+            grouped = rewards.view(-1, g)
+            std = grouped.std(1) if g > 1 else torch.zeros_like(grouped[:, 0])
+            out["group_reward"] = grouped.mean(1).repeat_interleave(g)[start:start + n]
+            out["group_reward_std"] = std.repeat_interleave(g)[start:start + n]
+            out["group_size"] = torch.full((n,), g, dtype=torch.long, device=rewards.device)
             self._last_rewards_per_func = None
         return out
 
     # ------------------------------------------------------------------------------------ model outputs
-    def _full_logits(self, model, input_ids, attention_mask, logits_to_keep):
-        """Completion logits [B, T, V] from the ordinary forward, divided by the sampling temperature."""
+    def _full_logits(self, model, input_ids, attention_mask, logits_to_keep, **forward_kwargs):
+        """(completion logits [B, T, V] from the ordinary forward divided by the sampling temperature, the MoE aux
+        loss or None). ``forward_kwargs``: multimodal inputs, ``output_router_logits``."""
         with self.accelerator.autocast():
-            out = model(input_ids=input_ids, attention_mask=attention_mask, logits_to_keep=logits_to_keep + 1)
+            out = model(input_ids=input_ids, attention_mask=attention_mask, logits_to_keep=logits_to_keep + 1,
+                        use_cache=False, **forward_kwargs)
         logits = out.logits[:, :-1, :]
-        return logits / self.temperature
+        aux = out.aux_loss if forward_kwargs.get("output_router_logits") else None
+        return logits / self.temperature, aux
+
+    def _forward_kwargs(self, inputs) -> dict[str, Any]:
+        kw = trl_forward_inputs(inputs)
+        if self.aux_loss_enabled:
+            kw["output_router_logits"] = True
+        return kw
 
     def _compute_loss(self, model, inputs):
         prompt_ids, prompt_mask = inputs["prompt_ids"], inputs["prompt_mask"]
@@ -138,26 +306,39 @@ class EntropyGRPOTrainer(GRPOTrainer):
         input_ids = torch.cat([prompt_ids, completion_ids], dim=1)
         attention_mask = torch.cat([prompt_mask, completion_mask], dim=1)
         logits_to_keep = completion_ids.size(1)
-        mask = completion_mask if "tool_mask" not in inputs else completion_mask * inputs["tool_mask"]
-        mask = mask.bool()
+        loss_mask = completion_mask if "tool_mask" not in inputs else completion_mask * inputs["tool_mask"]
+        mask = loss_mask.bool()
         mode = "train" if self.model.training else "eval"
 
         logits = None
         if "logits" in self.method.needs:
-            logits = self._full_logits(model, input_ids, attention_mask, logits_to_keep)
+            logits, aux_loss = self._full_logits(model, input_ids, attention_mask, logits_to_keep,
+                                                 **self._forward_kwargs(inputs))
             logits32 = logits.float()
             per_token_logps = logits32.gather(-1, completion_ids[..., None]).squeeze(-1) - torch.logsumexp(
                 logits32, -1)
             entropies = stats.entropy(logits, mask=mask)
         else:
-            per_token_logps, entropies, _ = self._get_per_token_logps_and_entropies(
-                model, input_ids, attention_mask, logits_to_keep, compute_entropy=True)
+            per_token_logps, entropies, aux_loss = self._get_per_token_logps_and_entropies(
+                model, input_ids, attention_mask, logits_to_keep, compute_entropy=True,
+                compute_aux_loss=self.aux_loss_enabled, **{k: inputs.get(k) for k in MULTIMODAL_KEYS})
 
         advantages = inputs["advantages"]
         old = inputs.get("old_per_token_logps")
         old = per_token_logps.detach() if old is None else old
+        if self.off_policy_mask_threshold is not None:
+            # TRL multiplies the PG per-token loss of a dropped sequence (A < 0, large KL) by 0; zeroing its advantage
+            # does the same to every PPO-type surrogate. Regularizers and denominators still see the sequence.
+            keep = self.get_off_policy_mask(
+                advantages=advantages if advantages.dim() == 2 else advantages.unsqueeze(1),
+                per_token_logps=per_token_logps,
+                sampling_per_token_logps=inputs.get("sampling_per_token_logps", old),
+                mask=loss_mask, off_policy_threshold=self.off_policy_mask_threshold)
+            keep = keep.to(advantages.dtype)
+            advantages = advantages * (keep if advantages.dim() == 2 else keep.squeeze(1))
         if self.use_vllm and self.vllm_importance_sampling_correction:
-            # TRL multiplies the per-token loss by the IS ratio; for a linear surrogate that is the advantage.
+            # TRL multiplies the PG per-token loss by the IS ratio (>= 0); for a PPO-type surrogate that is the
+            # advantage times the ratio.
             adv = advantages if advantages.dim() == 2 else advantages[:, None].expand_as(per_token_logps)
             advantages = adv * inputs["importance_sampling_ratio"]
         batch = TokenBatch(
@@ -171,94 +352,153 @@ class EntropyGRPOTrainer(GRPOTrainer):
             ref_log_prob=inputs.get("ref_per_token_logps"),
             rewards=inputs.get("rewards"),
             group_reward=inputs.get("group_reward"),
+            group_reward_std=inputs.get("group_reward_std"),
+            group_size=inputs.get("group_size"),
         )
-        out = self.method.compute_loss(batch, step=self.state.global_step)
+        out = self.method.compute_loss(batch, step=self.state.global_step, observe=mode == "train")
         if (self.diagnostics_every and mode == "train" and self._probe_inputs is None
                 and self.state.global_step % self.diagnostics_every == 0):
-            self._arm_probe(model, batch, input_ids, attention_mask, completion_ids, logits_to_keep)
-        loss = self._normalize(out.loss, mask, inputs, mode)
+            self._arm_probe(model, batch, input_ids, attention_mask, completion_ids, logits_to_keep, inputs)
+        loss = out.loss
+        sums = self._metric_sums[mode]
 
         if self.beta != 0.0:
+            # TRL adds beta * KL to the per-token loss before aggregating: the same aggregation as the method's
             ref = inputs["ref_per_token_logps"]
             kl = torch.exp(ref - per_token_logps) - (ref - per_token_logps) - 1
-            kl = torch.where(mask, kl, torch.zeros_like(kl))
-            loss = loss + self.beta * self._normalize((kl.sum() / mask.sum().clamp(min=1)), mask, inputs, mode)
-            self._metrics[mode]["kl"].append(self.accelerator.gather(
-                (kl.sum() / mask.sum().clamp(min=1)).detach()).mean().item())
+            if self.args.use_bias_correction_kl:  # TRL: times the (differentiable) importance ratio
+                kl = kl * torch.exp(per_token_logps - old)
+            c = self.method.config
+            loss = loss + self.beta * agg_loss(kl, mask, c.loss_agg_mode, c.norm_length)
+            sums.add("kl", masked_sum(kl.detach(), mask) / mask.sum().clamp(min=1), weight=mask.sum())
+        loss = self._normalize(loss, mask, inputs, mode)
+        if self.aux_loss_enabled:
+            ga = self.current_gradient_accumulation_steps if mode == "train" else 1.0
+            loss = loss + self.router_aux_loss_coef * aux_loss / ga
+            sums.add("aux_loss", aux_loss)
 
         for k, v in out.metrics.items():
-            val = v.detach().float().mean() if isinstance(v, torch.Tensor) else torch.tensor(float(v))
-            self._metrics[mode][k].append(self.accelerator.gather(val.to(self.accelerator.device)).mean().item())
-        ent = torch.where(mask, entropies.detach(), torch.zeros_like(entropies)).sum() / mask.sum().clamp(min=1)
-        self._metrics[mode]["entropy"].append(self.accelerator.gather(ent).mean().item())
+            sums.add(k, v)
+        n_tok = mask.sum()
+        ent = masked_sum(entropies.detach().float(), mask) / n_tok.clamp(min=1)
+        sums.add("entropy", ent, weight=n_tok)  # token-weighted over the step and every process
         return loss
 
+    def _normalize(self, loss, mask, inputs, mode):
+        """The method's micro-batch loss (aggregated as ``loss_type`` maps) -> TRL's normalization of that loss type."""
+        ga = self.current_gradient_accumulation_steps if mode == "train" else 1.0
+        if self.loss_type == "dapo":
+            # token-mean over this micro-batch -> token sum / tokens of the whole window over every process
+            normalizer = inputs["num_items_in_batch"].clamp(min=1.0) / self.accelerator.num_processes
+            if mode == "train":
+                normalizer = normalizer * ga / self.args.steps_per_generation
+            return loss * mask.sum().clamp(min=1) / normalizer
+        if self.loss_type in ("grpo", "dr_grpo", "luspo"):
+            # the method's row mean runs over non-empty rows; TRL's over all B rows (an empty row counts as 0)
+            loss = loss * (mask.any(-1).sum() / mask.size(0))
+        return loss / ga
+
+    # ------------------------------------------------------------------------------------ step boundary
+    def _end_step(self) -> None:
+        """Once per optimizer step, on every rank (``on_step_end``): finish the probe, update the controllers from
+        the step's sums over every process, reduce the step's metrics."""
+        self._finish_probe()
+        self.method.end_step()
+        self._flush_metrics("train")
+
+    def _flush_metrics(self, mode: str) -> None:
+        for k, v in self._metric_sums[mode].reduce(self.collective).items():
+            self._metrics[mode][k].append(v)
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        if not self.model.training:  # the end of an evaluation (every rank logs it): reduce its metrics once
+            self._flush_metrics("eval")
+        super().log(logs, start_time)
+
+    # ------------------------------------------------------------------------------------ diagnostics probe
     @torch.no_grad()
-    def _arm_probe(self, model, batch, input_ids, attention_mask, completion_ids, logits_to_keep):
-        logits = self._full_logits(model, input_ids, attention_mask, logits_to_keep).float()
+    def _arm_probe(self, model, batch, input_ids, attention_mask, completion_ids, logits_to_keep, inputs):
+        fwd = trl_forward_inputs(inputs)
+        logits = self._full_logits(model, input_ids, attention_mask, logits_to_keep, **fwd)[0].float()
         terms = self.method.pg_terms(batch)
         coef = terms.coef(batch.token_advantages())
         self._probe.before(logits, completion_ids, coef, batch.mask, batch.token_advantages(),
                            step=self.state.global_step)
-        self._probe_inputs = (input_ids, attention_mask, logits_to_keep)
+        self._probe_inputs = (input_ids, attention_mask, logits_to_keep, fwd)
 
     @torch.no_grad()
     def _finish_probe(self) -> None:
         if self._probe_inputs is None:
             return
-        input_ids, attention_mask, logits_to_keep = self._probe_inputs
+        input_ids, attention_mask, logits_to_keep, fwd = self._probe_inputs
         self._probe_inputs = None
-        logits = self._full_logits(self.model, input_ids, attention_mask, logits_to_keep).float()
+        logits = self._full_logits(self.model, input_ids, attention_mask, logits_to_keep, **fwd)[0].float()
         rec = self._probe.after(logits)
         self.entropy_change_records.append(rec)
         for k, v in rec.report.items():
             if not k.startswith("count/"):
-                self._metrics["train"][f"entropy_change/{k}"].append(v)
+                self._metric_sums["train"].add(f"entropy_change/{k}", v)
         if self.args.should_save:
             os.makedirs(self.args.output_dir, exist_ok=True)
             with open(os.path.join(self.args.output_dir, "entropy_change.jsonl"), "a") as f:
                 f.write(json.dumps(rec.to_json()) + "\n")
 
-    def _normalize(self, loss, mask, inputs, mode):
-        ga = self.current_gradient_accumulation_steps if mode == "train" else 1.0
-        if self.method.config.loss_agg_mode == "token-mean":
-            # token-mean over this micro-batch -> TRL "dapo": token sum / tokens of the whole window.
-            normalizer = inputs["num_items_in_batch"].clamp(min=1.0) / self.accelerator.num_processes
-            if mode == "train":
-                normalizer = normalizer * ga / self.args.steps_per_generation
-            return loss * mask.sum().clamp(min=1) / normalizer
-        return loss / ga
-
     # ------------------------------------------------------------------------- controller checkpointing
+    def _controller_payload(self) -> str:
+        return json.dumps({"method": self.method.name, "state": _to_jsonable(self.method.state_dict())},
+                          sort_keys=True)
+
+    def _check_same_state(self, payload: str) -> None:
+        """Raise on every rank if the controller state differs across ranks (one all-gather of a hash)."""
+        if not self.collective.is_distributed:
+            return
+        digest = torch.tensor(list(hashlib.sha256(payload.encode()).digest()), dtype=torch.int64)  # [32]
+        allh = self.collective.all_gather(digest).view(-1, digest.numel())
+        bad = [r for r in range(allh.size(0)) if not torch.equal(allh[r], allh[0])]
+        if bad:
+            raise RuntimeError(f"rlvr-entropy controller state differs across ranks (ranks {bad} differ from rank 0; "
+                               f"this rank holds {payload}); refusing to save a checkpoint of one rank's state")
+
     def _save_checkpoint(self, model, trial):
         super()._save_checkpoint(model, trial)
+        payload = self._controller_payload()
+        self._check_same_state(payload)
         if self.args.should_save:
             from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
             folder = os.path.join(self._get_output_dir(trial=trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
             os.makedirs(folder, exist_ok=True)
             with open(os.path.join(folder, STATE_FILE), "w") as f:
-                json.dump({"method": self.method.name, "state": _to_jsonable(self.method.state_dict())}, f)
+                f.write(payload)
 
     def _load_optimizer_and_scheduler(self, checkpoint):
         super()._load_optimizer_and_scheduler(checkpoint)
-        if checkpoint is not None:
-            path = os.path.join(checkpoint, STATE_FILE)
-            if os.path.exists(path):
-                with open(path) as f:
-                    saved = json.load(f)
-                if saved.get("method") != self.method.name:
-                    raise ValueError(f"checkpoint {checkpoint} holds state of method {saved.get('method')!r}, "
-                                     f"not {self.method.name!r}")
-                self.method.load_state_dict(saved["state"])
+        if checkpoint is None:
+            return
+        path = os.path.join(checkpoint, STATE_FILE)
+        if not os.path.exists(path):
+            if self.method.controllers():
+                raise ValueError(f"checkpoint {checkpoint} has no {STATE_FILE}: the controller state of method "
+                                 f"{self.method.name!r} ({sorted(self.method.controllers())}) cannot be restored")
+            return
+        with open(path) as f:
+            saved = json.load(f)
+        if saved.get("method") != self.method.name:
+            raise ValueError(f"checkpoint {checkpoint} holds state of method {saved.get('method')!r}, "
+                             f"not {self.method.name!r}")
+        self.method.load_state_dict(saved["state"])
 
 
-class _ProbeCallback(TrainerCallback):
-    """Finishes an armed entropy-change probe right after the optimizer step."""
+class _StepCallback(TrainerCallback):
+    """Closes every optimizer step (after the optimizer step, on every rank): see ``EntropyGRPOTrainer._end_step``."""
 
     def __init__(self, trainer: EntropyGRPOTrainer) -> None:
         self.trainer = trainer
 
     def on_step_end(self, args, state, control, **kwargs):
-        self.trainer._finish_probe()
+        self.trainer._end_step()
         return control
+
+
+__all__ = ["EntropyGRPOTrainer", "resolve_method", "trl_pg_settings", "trl_forward_inputs", "MetricSums",
+           "LOSS_TYPES", "UNMAPPED_LOSS_TYPES", "TRL_OWNED", "MULTIMODAL_KEYS", "STATE_FILE"]

@@ -6,6 +6,10 @@ Before an optimizer step, :func:`rlvr_entropy.stats.predicted_entropy_change` pr
 correlates predicted with measured (Pearson and Spearman), overall and per quadrant: the sign of the advantage x
 whether the sampled token is "high probability" (pi_a > exp(-H), the sign rule of STEER's indicator).
 
+The probe reads either materialized logits [B, T, V] or an :class:`rlvr_entropy.kernels.LMHeadSource` (hidden
+states + LM head: the same statistics from a tiled pass, without [B, T, V] logits; a source that already holds them
+from the loss pass costs nothing more).
+
 Imports only torch. Shapes: positions are flattened to [N] after masking.
 """
 from __future__ import annotations
@@ -17,6 +21,8 @@ from typing import Any
 import torch
 
 from rlvr_entropy import stats
+from rlvr_entropy.kernels.lm_head import LMHeadSource
+from rlvr_entropy.stats import Stat
 
 QUADRANTS = ("pos_high", "pos_low", "neg_high", "neg_low")
 FORMS = ("exact", "steer")
@@ -106,8 +112,9 @@ class EntropyChangeProbe:
 
     ``before(logits, token_ids, coef, mask, advantages)`` records the entropy and both predictions;
     ``after(logits_after)`` recomputes the entropy at the same positions and returns a :class:`ProbeRecord`.
-    logits [B, T, V] (temperature applied), token_ids/coef/mask/advantages [B, T]. ``coef`` is the signed update
-    coefficient w (A r for tokens the surrogate pushes, 0 where clipped, times any token weight).
+    logits [B, T, V] (temperature applied) or an :class:`~rlvr_entropy.kernels.LMHeadSource` (then token_ids must
+    be the source's), token_ids/coef/mask/advantages [B, T]. ``coef`` is the signed update coefficient w (A r for
+    tokens the surrogate pushes, 0 where clipped, times any token weight).
     """
 
     def __init__(self) -> None:
@@ -116,10 +123,24 @@ class EntropyChangeProbe:
     @torch.no_grad()
     def before(self, logits, token_ids, coef, mask, advantages, step: int = 0) -> None:
         mask = mask.bool()
-        h = stats.entropy(logits.detach(), mask=mask)
-        logp = torch.log_softmax(logits.detach().float(), -1).gather(-1, token_ids[..., None].long()).squeeze(-1)
-        preds = {f: stats.predicted_entropy_change(logits.detach(), token_ids, coef.detach(), form=f, mask=mask)[mask]
-                 for f in FORMS}
+        if isinstance(logits, LMHeadSource):
+            src = logits
+            if tuple(token_ids.shape) != tuple(src.shape) or not bool(
+                    (token_ids.to(src.token_ids.device).long() == src.token_ids)[mask.to(src.mask.device)].all()):
+                raise ValueError("token_ids must be the LMHeadSource's token ids at the valid positions")
+            if bool((mask.to(src.mask.device) & ~src.mask).any()):
+                raise ValueError("mask has valid positions outside the LMHeadSource's mask")
+            src.prefetch(Stat.log_prob(), Stat.entropy(), Stat.change_terms())  # one pass unless already cached
+            h, logp = src.entropy().detach(), src.log_prob().detach()
+            second = src.change_terms()[1]
+            h, logp, second = (x.to(mask.device) for x in (h, logp, second))
+            preds = {f: stats.predicted_entropy_change_from_terms(logp, h, second, coef.detach(), form=f,
+                                                                 mask=mask)[mask] for f in FORMS}
+        else:
+            h = stats.entropy(logits.detach(), mask=mask)
+            logp = torch.log_softmax(logits.detach().float(), -1).gather(-1, token_ids[..., None].long()).squeeze(-1)
+            preds = {f: stats.predicted_entropy_change(logits.detach(), token_ids, coef.detach(), form=f,
+                                                       mask=mask)[mask] for f in FORMS}
         self._state = dict(h=h[mask], mask=mask, quadrant=quadrant_of(advantages[mask], logp[mask], h[mask]),
                            preds=preds, step=step)
 
@@ -128,7 +149,12 @@ class EntropyChangeProbe:
         if self._state is None:
             raise RuntimeError("EntropyChangeProbe.after() called before before()")
         s, self._state = self._state, None
-        h_after = stats.entropy(logits_after.detach(), mask=s["mask"])[s["mask"]]
+        if isinstance(logits_after, LMHeadSource):
+            if bool((s["mask"].to(logits_after.mask.device) & ~logits_after.mask).any()):
+                raise ValueError("the probed positions must be valid in the LMHeadSource passed to after()")
+            h_after = logits_after.entropy().detach().to(s["mask"].device)[s["mask"]]
+        else:
+            h_after = stats.entropy(logits_after.detach(), mask=s["mask"])[s["mask"]]
         measured = (h_after - s["h"]).double()
         rec = ProbeRecord(step=s["step"], predicted={k: v.double() for k, v in s["preds"].items()},
                           measured=measured, quadrant=s["quadrant"])

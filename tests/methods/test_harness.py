@@ -241,3 +241,78 @@ def test_state_is_split_and_rank_invariant(name):
         solo.compute_loss(batch_from(_rows(lv, 0, 1)), step=step)
         solo.end_step()
     assert solo.state_dict() != s0
+
+
+# ------------------------------------------------------------------ logits-free route (rlvr_entropy.kernels)
+def _logits_route_cases():
+    """Every method that reads the distribution (instance-level ``needs``), with its defaults, plus settings that
+    exercise each statistic's gradient or the controller (siren's anchor and ablation, thermostat's PI away from 0
+    and its restriction, Lp-Reg's term on a small batch, AEnt clamping), and methods that read only the entropy."""
+    cases = [(n, {}) for n in METHODS if "logits" in fresh(n).needs]
+    cases += [("siren", {"anchor_value": 1.0}), ("siren", {"use_top_p": False, "anchor_value": 1.0, "top_k": 5}),
+              ("thermostat", {"target": 0.5, "restrict": "siren", "allocation": "efficient"}),
+              ("thermostat", {"target": 5.0, "weight_max": 1.5}),
+              ("lp_reg", {"rho": 0.5, "min_tokens": 1, "kappa": 0.2}),
+              ("entropy_bonus", {"clamp_fraction": 0.3}), ("entropy_bonus", {}), ("grpo", {}), ("steer", {})]
+    return [pytest.param(n, kw, id=f"{n}-{'-'.join(f'{k}={v}' for k, v in kw.items()) or 'default'}")
+            for n, kw in cases if n in METHODS]
+
+
+@pytest.mark.parametrize("name,config", _logits_route_cases())
+def test_lm_head_route_equals_logits_route(name, config):
+    """The same loss, metrics and gradients (to hidden states, LM-head weight and bias) whether the method reads
+    materialized logits [B, T, V] or a TokenBatch.lm_head source (tiled, no logits); the source serves every
+    statistic from the engine's one prefetched pass."""
+    from rlvr_entropy import kernels, stats
+
+    B, T, H, V, temp = 4, 6, 5, 23, 0.7
+    g = torch.Generator().manual_seed(11)
+    hid = (torch.randn(B, T, H, generator=g, dtype=torch.float64) * 1.5).requires_grad_(True)
+    W = torch.randn(V, H, generator=g, dtype=torch.float64).requires_grad_(True)
+    bias = (0.5 * torch.randn(V, generator=g, dtype=torch.float64)).requires_grad_(True)
+    mask = torch.arange(T)[None, :] < torch.tensor([T, 4, 2, 5])[:, None]
+    with torch.no_grad():
+        ids = torch.multinomial(torch.softmax((hid @ W.T + bias) / temp, -1).reshape(-1, V), 1,
+                                generator=g).reshape(B, T)
+    hid_nan = hid.detach().clone()
+    hid_nan[~mask] = float("nan")  # padding may hold anything
+    hid_nan.requires_grad_(True)
+    rewards = torch.tensor([1.0, 0.0, 1.0, 0.0], dtype=torch.float64)
+    common = dict(advantages=rewards - rewards.mean(), mask=mask, rewards=rewards,
+                  group_reward=torch.tensor([0.5, 0.5, 0.25, 0.25], dtype=torch.float64))
+
+    def run(route):
+        m = fresh(name, **config)
+        x = hid_nan if route == "lm_head" else hid
+        for p in (x, W, bias):
+            p.grad = None
+        if route == "logits":
+            logits = (torch.where(mask[..., None], x, 0.0) @ W.T + bias) / temp
+            lp = torch.log_softmax(logits, -1).gather(-1, ids[..., None]).squeeze(-1)
+            ent = stats.entropy(logits, mask=mask)
+            fields = dict(log_prob=lp, entropy=ent, logits=logits)
+        else:
+            fields = kernels.lm_head_batch_fields(x, W, bias, token_ids=ids, mask=mask, temperature=temp,
+                                                  method=m, tile_size=5)
+        old = fields["log_prob"].detach() + 0.1 * torch.sin(torch.arange(B * T, dtype=torch.float64)).view(B, T)
+        batch = re.TokenBatch(old_log_prob=old, old_entropy=fields["entropy"].detach() + 0.01,
+                              ref_log_prob=old - 0.05, **fields, **common)
+        for step in range(2):  # the second step sees the controllers' state (anchor, PI output) set by the first
+            out = m.compute_loss(batch, step=step)
+        m.end_step()
+        grads = torch.autograd.grad(out.loss, (x, W, bias))
+        passes = fields["lm_head"].passes if route == "lm_head" else None
+        return out, grads, passes
+
+    (a, ga, _), (b, gb, passes) = run("logits"), run("lm_head")
+    assert passes == 1, "every statistic the method reads was served from the engine's one prefetched pass"
+    torch.testing.assert_close(b.loss, a.loss, rtol=1e-10, atol=1e-12)
+    assert a.metrics.keys() == b.metrics.keys()
+    for k in a.metrics:
+        torch.testing.assert_close(torch.as_tensor(b.metrics[k], dtype=torch.float64),
+                                   torch.as_tensor(a.metrics[k], dtype=torch.float64), rtol=1e-9, atol=1e-12,
+                                   equal_nan=True, msg=k)
+    for nm, x, y in zip(("hidden", "weight", "bias"), gb, ga):
+        torch.testing.assert_close(x, y, rtol=1e-8, atol=1e-11, msg=nm)
+    assert torch.equal(gb[0][~mask], torch.zeros_like(gb[0][~mask]))  # no gradient reaches padding
+    assert any(float(x.abs().sum()) > 0 for x in gb)

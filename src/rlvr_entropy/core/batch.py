@@ -10,6 +10,10 @@ old_log_prob    [B, T]       log pi_old of the sampled token (behaviour policy),
 advantages      [B] | [B, T] advantage per response or per token
 mask            bool [B, T]  True at valid response tokens; everything else is padding
 logits          [B, T, V]    optional; next-token logits, temperature already applied, with gradient
+lm_head         source       optional; an :class:`rlvr_entropy.kernels.LMHeadSource` (last hidden states
+                             [B, T, H], LM-head weight and bias, temperature, sampled token ids): serves what
+                             methods ask for through :meth:`TokenBatch.stat` in tiled passes, without [B, T, V]
+                             logits (docs/kernels.md); when ``logits`` are given too, they are used
 entropy         [B, T]       optional; entropy of pi_theta at each position (with gradient when used as a
                              regularizer); computed from ``logits`` when missing and needed
 old_entropy     [B, T]       optional; entropy of pi_old (STEER reads this)
@@ -53,6 +57,7 @@ class TokenBatch:
     group_reward: torch.Tensor | None = None
     group_reward_std: torch.Tensor | None = None
     group_size: torch.Tensor | None = None
+    lm_head: Any = None
     _cache: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -93,6 +98,8 @@ class TokenBatch:
             raise ValueError("group_reward_std must be >= 0")
         if self.group_size is not None and bool((self.group_size < 1).any()):
             raise ValueError("group_size must be >= 1")
+        if self.lm_head is not None:
+            self._check_lm_head()
 
     # ------------------------------------------------------------------ helpers
     @property
@@ -115,7 +122,11 @@ class TokenBatch:
         return self.clean(a.to(self.log_prob.dtype))
 
     def require(self, name: str, method: str) -> torch.Tensor:
+        """The field ``name`` (ValueError naming ``method`` when missing). The need ``"logits"`` is also met by
+        ``lm_head``: then None is returned, and the distribution is read through :meth:`stat`."""
         x = getattr(self, name)
+        if x is None and name == "logits" and self.lm_head is not None:
+            return None  # type: ignore[return-value]
         if x is None:
             raise ValueError(f"method {method!r} needs TokenBatch.{name}; pass it when building the batch")
         return x
@@ -130,13 +141,55 @@ class TokenBatch:
 
                 self._cache["entropy"] = self.clean(_entropy(self.logits, mask=self.mask))
             return self._cache["entropy"]
-        raise ValueError(f"method {method!r} needs TokenBatch.entropy or TokenBatch.logits")
+        if self.lm_head is not None:
+            from rlvr_entropy.stats import Stat
+
+            return self.stat(Stat.entropy(), method)
+        raise ValueError(f"method {method!r} needs TokenBatch.entropy or TokenBatch.logits "
+                         "(or TokenBatch.lm_head)")
+
+    @property
+    def has_distribution(self) -> bool:
+        """True when the full next-token distribution can be read: ``logits`` or ``lm_head`` is given."""
+        return self.logits is not None or self.lm_head is not None
+
+    def stat(self, stat: Any, method: str) -> Any:
+        """A per-position statistic of pi_theta (``stat``: a :class:`rlvr_entropy.stats.Stat`), 0 at padding:
+        [B, T], or a pair of [B, T] tensors for ``change_terms`` / ``proxy_log_mass``; with gradient for the
+        differentiable kinds. From ``logits`` when given (:func:`rlvr_entropy.stats.compute_stat`: the functions
+        methods always used), else from ``lm_head`` (one tiled pass over hidden states serves every statistic
+        the engine prefetched; another is computed on demand). Cached on the batch."""
+        key = ("stat", stat)
+        if key not in self._cache:
+            if self.logits is not None:
+                from rlvr_entropy.stats import compute_stat
+
+                self._cache[key] = compute_stat(self.logits, stat, mask=self.mask)
+            elif self.lm_head is not None:
+                out = self.lm_head.get(stat)
+                self._cache[key] = tuple(map(self.clean, out)) if isinstance(out, tuple) else self.clean(out)
+            else:
+                raise ValueError(f"method {method!r} needs TokenBatch.logits or TokenBatch.lm_head "
+                                 f"(for the statistic {getattr(stat, 'kind', stat)!r})")
+        return self._cache[key]
+
+    def _check_lm_head(self) -> None:
+        from rlvr_entropy.kernels.lm_head import LMHeadSource
+
+        src = self.lm_head
+        if not isinstance(src, LMHeadSource):
+            raise ValueError(f"lm_head must be a rlvr_entropy.kernels.LMHeadSource, got {type(src).__name__}")
+        if tuple(src.shape) != tuple(self.shape):
+            raise ValueError(f"lm_head must cover [B, T] = {list(self.shape)}, got {list(src.shape)}")
+        if bool((self.mask & ~src.mask.to(self.mask.device)).any()):
+            raise ValueError("mask has valid positions outside lm_head.mask (the source computes nothing there)")
 
     def with_(self, **changes: Any) -> "TokenBatch":
         """A copy with some fields replaced (validated again)."""
         fields = {k: getattr(self, k) for k in
                   ("log_prob", "old_log_prob", "advantages", "mask", "logits", "entropy", "old_entropy",
                    "ref_log_prob", "rewards", "group_reward", "group_reward_std", "group_size")}
+        fields["lm_head"] = self.lm_head
         fields.update(changes)
         return TokenBatch(**fields)
 

@@ -24,8 +24,10 @@ k3 is Schulman's estimator of KL(pi_theta || pi_proxy) from the sampled token (v
 official code uses, clamped at 10 like it); its gradient is d k3 / d log pi_theta(a) = 1 - 1/Z < 0, so minimizing
 raises pi_theta(a) towards pi_proxy(a). The exact KL(pi_theta || pi_proxy) over the vocabulary is infinite
 whenever pi_theta puts mass on a token the proxy drops, which is why a per-token estimator at the sampled token is
-used (as in the official code). The proxy is detached: Z is computed from the logits in chunks under no_grad, and
-the gradient flows only through log_prob.
+used (as in the official code). The proxy is detached: Z is computed from the logits in chunks under no_grad
+(:func:`rlvr_entropy.stats.proxy_log_mass`; from ``TokenBatch.lm_head`` in the tiled LM-head pass when the engine
+passes hidden states instead of logits: two scalars per position, no [B, T, V] tensor), and the gradient flows
+only through log_prob.
 
 Defaults (official recipes / paper): kappa (min_p threshold) 0.02, rho (logp_neg_k_percent) 0.01, beta
 (ppo_kl_coef) 1.0, kl_clamp 10, min_tokens 2. ``rho = 0`` disables the term: the loss is then grpo's (the neutral
@@ -35,10 +37,10 @@ unclipped -A r.
 Deviations from the paper / official code:
 - Proxy policy: the official code builds the proxy from a second forward pass of the current weights (or, with
   minp_old_log_prob, of the rollout policy), applying the min-p filter to the logits before the temperature;
-  here it comes from ``TokenBatch.logits`` (temperature already applied). Identical for temperature 1 (the
+  here it comes from ``TokenBatch.logits`` or ``lm_head`` (temperature already applied). Identical for temperature 1 (the
   official recipes) and, for the rollout-policy variant, on the first update of each rollout (on-policy).
 - Whether the sampled token is kept is decided from ``log_prob`` (pi(a) >= kappa * max pi), since the batch holds
-  no token ids; it must be the log-softmax of ``logits`` at the sampled token (as every engine provides).
+  no token ids; it must be the log-softmax of the logits at the sampled token (as every engine provides).
 - k >= min_tokens: the official code applies the term only when k > 1 (its way to switch off the unused
   positive-advantage branch), so micro-batches with fewer than 2 / rho negative-advantage tokens (200 at rho =
   0.01) get no regularization. ``min_tokens=1`` regularizes small batches too.
@@ -55,54 +57,13 @@ from dataclasses import dataclass
 
 import torch
 
-from rlvr_entropy import stats
 from rlvr_entropy.core.aggregation import masked_mean
 from rlvr_entropy.core.validation import check_choice, check_float, check_int, check_tensor
 from rlvr_entropy.methods._scoped import World, gather_rows, select_topk
 from rlvr_entropy.methods.base import Method, PGConfig, register_method
+from rlvr_entropy.stats import Stat, proxy_log_mass  # noqa: F401  (re-exported: the min-p proxy)
 
 SCOPES = ("micro_batch", "global")
-
-
-@torch.no_grad()
-def proxy_log_mass(logits: torch.Tensor, kappa: float, *, mask: torch.Tensor | None = None,
-                   chunk_size: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """(log Z, log max pi), two [...] tensors, from logits [..., V]; no gradient; chunked over positions.
-
-    Z = sum of pi(v) over the tokens with pi(v) >= kappa * max pi (the proxy's kept mass, <= 1); max pi is the
-    largest probability. Positions outside ``mask`` [...] (bool) are skipped and get 0 (Z = 1, max pi = 1); NaN
-    there never leaks. Computed in float32 (float64 for float64 logits), ``chunk_size`` positions at a time
-    (default ``stats.default_chunk_size(V)``), so only a few [chunk, V] temporaries exist at once.
-    """
-    check_tensor("logits", logits)
-    if logits.dim() < 1 or logits.shape[-1] < 1:
-        raise ValueError(f"logits must have shape [..., V] with V >= 1, got {list(logits.shape)}")
-    check_float("kappa", kappa, lo=0.0, hi=1.0, lo_open=True)
-    check_int("chunk_size", chunk_size, lo=1, allow_none=True)
-    lead = logits.shape[:-1]
-    V = logits.shape[-1]
-    z = logits.detach().reshape(-1, V)
-    cd = torch.float64 if z.dtype == torch.float64 else torch.float32
-    log_z = torch.zeros(z.shape[0], dtype=cd, device=z.device)
-    log_max = torch.zeros(z.shape[0], dtype=cd, device=z.device)
-    if mask is None:
-        rows = torch.arange(z.shape[0], device=z.device)
-    else:
-        check_tensor("mask", mask)
-        if tuple(mask.shape) != tuple(lead):
-            raise ValueError(f"mask must have shape {list(lead)} (logits without V), got {list(mask.shape)}")
-        rows = mask.reshape(-1).nonzero().reshape(-1)
-    chunk = chunk_size or stats.default_chunk_size(V)
-    log_kappa = math.log(kappa)
-    for s in range(0, rows.numel(), chunk):
-        idx = rows[s:s + chunk]
-        blk = z.index_select(0, idx).to(cd)                                  # [c, V]
-        lse = torch.logsumexp(blk, -1)                                       # [c]
-        mx = blk.amax(-1)                                                    # [c]
-        kept = blk.masked_fill(blk < (mx + log_kappa)[:, None], -math.inf)   # pi >= kappa * max pi
-        log_z[idx] = torch.logsumexp(kept, -1) - lse
-        log_max[idx] = mx - lse
-    return log_z.reshape(lead), log_max.reshape(lead)
 
 
 def lp_reg_count(rho: float, num_negative: int, min_tokens: int = 2) -> int:
@@ -192,13 +153,18 @@ class LpReg(Method):
     def neutral_overrides(cls):
         return {"rho": 0.0}
 
+    def logits_requests(self) -> tuple[Stat, ...]:
+        """The distribution statistic the proxy is built from (per-position log Z and log max pi: no [B, T, V]
+        tensor is needed, so the tiled LM-head route of rlvr_entropy.kernels serves it)."""
+        return (Stat.proxy_log_mass(self.config.kappa),)
+
     def _loss(self, batch, *, new_step):
         c = self.config
         mask = batch.mask
         adv = batch.token_advantages()
         terms = self.pg_terms(batch, adv)                                       # PPO surrogate, [B, T]
         lp = batch.clean(batch.log_prob)
-        log_z, log_max = proxy_log_mass(batch.logits, c.kappa, mask=mask)      # [B, T], no grad
+        log_z, log_max = batch.stat(Stat.proxy_log_mass(c.kappa), self.name)   # [B, T], no grad
         with torch.no_grad():
             lpd = lp.detach()
             cd = log_z.dtype if log_z.dtype == torch.float64 else torch.promote_types(lpd.dtype, torch.float32)

@@ -4,7 +4,9 @@ arXiv 2509.25133; official code github.com/Linn3a/siren at fa59a8d, verl/verl/wo
     loss = L_PG + beta * (H_sel - A)^2
 
 1. H_p [B, T]: entropy of each position's top-p nucleus, renormalized (:func:`rlvr_entropy.stats.top_p_entropy`;
-   exclusive boundary, top_k = 10000, p = 0.8; the logits already carry the sampling temperature).
+   exclusive boundary, top_k = 10000, p = 0.8; the logits already carry the sampling temperature). Read through
+   ``TokenBatch.stat``: from ``logits``, or from ``lm_head`` (hidden states + LM head, tiled, no [B, T, V] logits;
+   :mod:`rlvr_entropy.kernels`).
 2. Peak mask (:func:`peak_entropy_mask`): per response, tau_i = the q-quantile (linear interpolation, like
    torch.nanquantile) of the row's valid H_p; selected M = (H_p > tau_i) & valid (strict >, computed from detached
    values: the set is a constant).
@@ -46,13 +48,13 @@ from dataclasses import dataclass
 
 import torch
 
-from rlvr_entropy import stats
 from rlvr_entropy.controllers.anchor import Anchor
 from rlvr_entropy.core.aggregation import masked_mean
 from rlvr_entropy.core.batch import TokenBatch
 from rlvr_entropy.core.validation import (as_bool_mask, check_finite_where, check_float, check_int, check_shape,
                                           check_tensor)
 from rlvr_entropy.methods.base import Method, PGConfig, register_method
+from rlvr_entropy.stats import Stat
 
 
 def _check_entropy_mask(entropy: torch.Tensor, mask: torch.Tensor, quantile: float) -> torch.Tensor:
@@ -180,16 +182,15 @@ class Siren(Method):
         return {"beta": 0.0}
 
     # ------------------------------------------------------------------------------------------ pieces
+    def logits_requests(self) -> tuple[Stat, ...]:
+        """The distribution statistic H_p is read from (what an engine prefetches; rlvr_entropy.kernels)."""
+        c = self.config
+        return (Stat.top_p_entropy(c.top_p, c.top_k, c.inclusive) if c.use_top_p else Stat.entropy(),)
+
     def position_entropy(self, batch: TokenBatch) -> torch.Tensor:
         """H_p [B, T] (top-p entropy, or the full entropy when ``use_top_p=False``), 0 at padding, with gradient
-        to the logits."""
-        c = self.config
-        logits = batch.require("logits", self.name)
-        if c.use_top_p:
-            h = stats.top_p_entropy(logits, p=c.top_p, top_k=c.top_k, inclusive=c.inclusive, mask=batch.mask)
-        else:
-            h = stats.entropy(logits, mask=batch.mask)
-        return batch.clean(h)
+        to the logits (or, with ``TokenBatch.lm_head``, to the hidden states and the LM head)."""
+        return batch.stat(self.logits_requests()[0], self.name)
 
     def selection(self, h: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """Regularized positions, bool [B, T]: the peak mask of ``h`` (detached), or every valid position."""

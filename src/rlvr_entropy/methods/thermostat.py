@@ -54,6 +54,7 @@ from rlvr_entropy.controllers.pi import EntropyPI
 from rlvr_entropy.core.aggregation import masked_mean
 from rlvr_entropy.core.validation import check_choice, check_float, check_int
 from rlvr_entropy.methods.base import Method, PGConfig, register_method
+from rlvr_entropy.stats import Stat
 
 
 @dataclass(frozen=True)
@@ -189,6 +190,11 @@ def entropy_bracket(logits: torch.Tensor, log_prob: torch.Tensor, mask: torch.Te
     change per unit of policy-gradient coefficient, up to sign (d_t = -coef_t x this). Its absolute value is the
     efficiency of ``allocation="efficient"``. logits [B, T, V], log_prob/mask [B, T]."""
     h, s2 = stats.entropy_change_terms(logits, mask)
+    return _bracket(h, s2, log_prob, mask)
+
+
+def _bracket(h: torch.Tensor, s2: torch.Tensor, log_prob: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """:func:`entropy_bracket` from the change terms (H, sum_k pi_k^2 (log pi_k + H)) [B, T]."""
     lpa = torch.where(mask, log_prob.detach().to(h.dtype), torch.zeros((), dtype=h.dtype))
     return torch.where(mask, lpa.exp() * (lpa + h) - s2, torch.zeros_like(h))
 
@@ -345,20 +351,26 @@ class Thermostat(Method):
     def neutral_overrides(cls):
         return {"kp": 0.0, "ki": 0.0}
 
+    def logits_requests(self) -> tuple[Stat, ...]:
+        """The distribution statistics the loss reads (what an engine prefetches; rlvr_entropy.kernels)."""
+        c = self.config
+        return (Stat.change_terms(),) + ((Stat.top_p_entropy(c.top_p),) if c.restrict == "siren" else ())
+
     def _loss(self, batch, *, new_step):
         c = self.config
         mask = batch.mask
         adv = batch.token_advantages()
         terms = self.pg_terms(batch, adv)
         coef = terms.coef(adv)
-        bracket = entropy_bracket(batch.logits, batch.clean(batch.log_prob), mask)  # one pass over the logits
+        with torch.no_grad():  # one pass over the logits (or the lm_head source's shared pass)
+            bracket = _bracket(*batch.stat(Stat.change_terms(), self.name), batch.clean(batch.log_prob), mask)
         d = _change(bracket, coef, mask)
         h_tok = batch.current_entropy(self.name).detach()
         eligible = mask
         if c.restrict != "none":
             from rlvr_entropy.methods.siren import peak_entropy_mask
 
-            sel = h_tok if c.restrict == "peak" else stats.top_p_entropy(batch.logits.detach(), p=c.top_p, mask=mask)
+            sel = h_tok if c.restrict == "peak" else batch.stat(Stat.top_p_entropy(c.top_p), self.name).detach()
             eligible = peak_entropy_mask(sel, mask, quantile=c.quantile)
         unsolved = shield = None
         if c.solved_at is not None:

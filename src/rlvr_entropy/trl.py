@@ -12,8 +12,9 @@ docs/engines/trl.md for the user's view; in short:
   clip range, ``delta`` the dual clip. A method_config that sets one of them to another value raises, and so does
   every GRPOConfig option that cannot be mapped exactly (``loss_type`` cispo / sapo / vespo, TRL's own entropy
   bonus and entropy mask, sequence-level importance sampling).
-- The step protocol (``Method`` in rlvr_entropy.methods.base): ``compute_loss(..., observe=(mode == "train"))`` on
-  every micro-batch, ``method.end_step()`` once per optimizer step on every rank (``on_step_end``), through a
+- The step protocol (``Method`` in rlvr_entropy.methods.base): ``method.begin_step(rollout)`` at the start of every
+  optimizer step for methods that override it, ``compute_loss(..., observe=(mode == "train"))`` on every
+  micro-batch, ``method.end_step()`` once per optimizer step on every rank (``on_step_end``), through a
   :class:`~rlvr_entropy.core.dist.TorchCollective` over accelerate's processes when there is more than one. The
   controller state is therefore one state for the run, identical on every rank; evaluation never changes it.
 - Method metrics are accumulated per process and reduced once per optimizer step (and once per evaluation) as one
@@ -253,6 +254,13 @@ class EntropyGRPOTrainer(GRPOTrainer):
         self.collective: Collective = (TorchCollective() if self.accelerator.num_processes > 1
                                        else LocalCollective())
         self.method.set_collective(self.collective)
+        # methods that decide a step from its own rollout (Method.begin_step overridden, e.g. entrocraft)
+        self._begins_steps = type(self.method).begin_step is not Method.begin_step
+        self._begin_pending = False
+        if self._begins_steps and self.args.steps_per_generation % self.args.gradient_accumulation_steps:
+            raise ValueError(f"method {self.method.name!r} starts each optimizer step with its whole rollout "
+                             f"(begin_step): GRPOConfig.steps_per_generation ({self.args.steps_per_generation}) must "
+                             f"be a multiple of gradient_accumulation_steps ({self.args.gradient_accumulation_steps})")
         # first, so that other callbacks' on_step_end see the step's controller update
         self.callback_handler.callbacks.insert(0, _StepCallback(self))
 
@@ -282,6 +290,43 @@ class EntropyGRPOTrainer(GRPOTrainer):
             out["group_size"] = torch.full((n,), g, dtype=torch.long, device=rewards.device)
             self._last_rewards_per_func = None
         return out
+
+    # ------------------------------------------------------------------------------------ step start
+    def _prepare_inputs(self, generation_batch):
+        inputs = super()._prepare_inputs(generation_batch)
+        if self._begin_pending and self.model.training:
+            self._begin_pending = False
+            self._begin_step()
+        return inputs
+
+    @torch.no_grad()
+    def _begin_step(self) -> None:
+        """``method.begin_step`` with this rank's micro-batches of the optimizer step that starts (on every rank,
+        before the step's first loss): log-probs and entropies of the policy at the step's start (the rollout
+        policy on-policy; TRL keeps no rollout entropies), from the fused path."""
+        n = self.current_gradient_accumulation_steps
+        spg = self.args.steps_per_generation
+        parts = [self._buffered_inputs[(self._step + i) % spg] for i in range(n)]
+        fields: dict[str, list] = {}
+        for inp in parts:
+            ids = torch.cat([inp["prompt_ids"], inp["completion_ids"]], dim=1)
+            am = torch.cat([inp["prompt_mask"], inp["completion_mask"]], dim=1)
+            T = inp["completion_ids"].size(1)
+            lp, ent, _ = self._get_per_token_logps_and_entropies(
+                self.model, ids, am, T, compute_entropy=True, **{k: inp.get(k) for k in MULTIMODAL_KEYS})
+            mask = inp["completion_mask"] if "tool_mask" not in inp else inp["completion_mask"] * inp["tool_mask"]
+            old = inp.get("old_per_token_logps")
+            row = {"log_prob": lp, "old_log_prob": lp if old is None else old, "advantages": inp["advantages"],
+                   "mask": mask.bool(), "old_entropy": ent, "entropy": ent}
+            for k in ("rewards", "group_reward", "group_reward_std", "group_size"):
+                if inp.get(k) is not None:
+                    row[k] = inp[k]
+            for k, v in row.items():
+                fields.setdefault(k, []).append(v)
+        widths = {v.size(1) for v in fields["mask"]}
+        if len(widths) != 1:
+            raise RuntimeError(f"the step's micro-batches have different completion widths {sorted(widths)}")
+        self.method.begin_step(TokenBatch(**{k: torch.cat(v) for k, v in fields.items()}))
 
     # ------------------------------------------------------------------------------------ model outputs
     def _full_logits(self, model, input_ids, attention_mask, logits_to_keep, **forward_kwargs):
@@ -490,10 +535,15 @@ class EntropyGRPOTrainer(GRPOTrainer):
 
 
 class _StepCallback(TrainerCallback):
-    """Closes every optimizer step (after the optimizer step, on every rank): see ``EntropyGRPOTrainer._end_step``."""
+    """Opens (methods with ``begin_step``: at the step's first micro-batch, see ``EntropyGRPOTrainer._begin_step``)
+    and closes every optimizer step (after the optimizer step, on every rank: ``EntropyGRPOTrainer._end_step``)."""
 
     def __init__(self, trainer: EntropyGRPOTrainer) -> None:
         self.trainer = trainer
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        self.trainer._begin_pending = self.trainer._begins_steps
+        return control
 
     def on_step_end(self, args, state, control, **kwargs):
         self.trainer._end_step()

@@ -52,7 +52,10 @@ def _trainer(tok, tmp_path, method="grpo", method_config=None, model=None, **arg
 def test_two_step_train_every_method(name, tok, tmp_path):
     model = make_model(tok)
     before = {k: v.detach().clone() for k, v in model.named_parameters()}
-    cfg = {"anchor_value": 1.0} if name == "siren" else None  # a non-trivial anchor so the penalty acts
+    cfg = {"siren": {"anchor_value": 1.0},  # a non-trivial anchor so the penalty acts
+           # the tiny model's entropy (~3) is above the default band: RAFT++ with no reward > 0.5 is all zero;
+           # below this band it is NSR, which moves the parameters
+           "entrocraft": {"lower": (5.0, 5.0), "upper": (6.0, 6.0), "total_steps": 2}}.get(name)
     t = _trainer(tok, tmp_path, name, cfg, model=model)
     assert isinstance(t.method.dist, LocalCollective)
     t.train()
@@ -184,6 +187,39 @@ def test_one_update_per_optimizer_step_none_in_evaluation(tok, tmp_path):
     assert all(8 < s["tokens"] <= 48 for s in sums)
     logged = set().union(*[set(h) for h in t.state.log_history])
     assert {"eval_adaptive_entropy/coefficient", "eval_entropy", "adaptive_entropy/coefficient"} <= logged
+
+
+def test_begin_step_gets_each_optimizer_steps_whole_rollout(tok, tmp_path):
+    """entrocraft decides each step with its own rollout entropy: begin_step runs once per optimizer step, before
+    the step's losses, with the step's 2 micro-batches (8 completions), never in evaluation."""
+    t = EntropyGRPOTrainer(model=make_model(tok), reward_funcs=digit_reward, processing_class=tok,
+                           train_dataset=make_dataset(), eval_dataset=make_dataset(2), method="entrocraft",
+                           method_config={"total_steps": 3},
+                           args=_args(tmp_path, max_steps=3, gradient_accumulation_steps=2, eval_strategy="steps",
+                                      eval_steps=1, per_device_eval_batch_size=4))
+    order, measured = [], []
+    begin, loss = t.method.begin_step, t.method.compute_loss
+
+    def spy_begin(batch):
+        order.append(("begin", batch.mask.size(0)))
+        h = begin(batch)
+        measured.append((h, float((batch.old_entropy * batch.mask).sum() / batch.mask.sum())))
+        return h
+
+    def spy_loss(batch, **kw):
+        order.append(("loss" if kw["observe"] else "eval", batch.mask.size(0)))
+        return loss(batch, **kw)
+
+    t.method.begin_step, t.method.compute_loss = spy_begin, spy_loss
+    t.train()
+    train = [o for o in order if o[0] != "eval"]
+    assert train == [("begin", 8), ("loss", 4), ("loss", 4)] * 3
+    assert sum(o[0] == "eval" for o in order) == 6  # 3 evaluations of 2 batches
+    assert all(h == pytest.approx(m, rel=1e-6) for h, m in measured)
+    assert t.method.state_dict()["band"] == {"steps": 3, "entropy": measured[-1][0]}
+    with pytest.raises(ValueError, match="steps_per_generation"):
+        _trainer(tok, tmp_path, "entrocraft", gradient_accumulation_steps=2, steps_per_generation=3,
+                 generation_batch_size=None)
 
 
 def _threads_collective(n):

@@ -1,7 +1,7 @@
 """EntropyGRPOTrainer on 2 processes (torch.distributed.run, gloo, CPU): one controller state for the run.
 
 tests/engines/trl_multiproc.py trains siren, thermostat, adaptive_entropy, steer(scope="global") and forking_tokens
-for 3 optimizer steps on 2 ranks that see different prompts, with evaluation in the loop, rank 1's whole second step
+(and entrocraft, whose begin_step is a collective) for 3 optimizer steps on 2 ranks that see different prompts, with evaluation in the loop, rank 1's whole second step
 fully masked (and emitting a metric key rank 0 never emits), a checkpoint and a resume. See that script's docstring.
 """
 from __future__ import annotations
@@ -17,8 +17,11 @@ pytest.importorskip("trl")
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(os.path.dirname(HERE))
-METHODS = ("siren", "thermostat", "adaptive_entropy", "steer", "forking_tokens")
-CONTROLLED = {"siren", "thermostat", "adaptive_entropy"}
+METHODS = ("siren", "thermostat", "adaptive_entropy", "steer", "forking_tokens", "entrocraft")
+CONTROLLED = {"siren", "thermostat", "adaptive_entropy", "entrocraft"}
+#: where each controlled method keeps the entropy it measured over the step
+MEASURED = {"thermostat": ("pi", "last_entropy"), "adaptive_entropy": ("coef", "last_entropy"),
+            "entrocraft": ("band", "entropy")}
 MASK_RANK = 1
 TIMEOUT_S = 400  # a hang (e.g. ranks issuing different collectives) fails here instead of blocking the suite
 
@@ -60,11 +63,13 @@ def test_the_reduction_is_real(runs, name):
         expect = (s0[0]["h_sel_sum"] + s1[0]["h_sel_sum"]) / (s0[0]["responses"] + s1[0]["responses"])
         assert r0["final"]["anchor"]["value"] == pytest.approx(expect, rel=1e-12, abs=0)
         assert s0[0]["responses"] > 0 and s1[0]["responses"] > 0
-    else:  # the controlled entropy of each step: token mean over every rank's micro-batches
+    else:  # the controlled entropy of each step: token mean over every rank's micro-batches (entrocraft: from
+        # begin_step's own pass over the step's rollout, the same numbers)
+        ctrl, key = MEASURED[name]
         for k in range(3):
             expect = (s0[k]["entropy_sum"] + s1[k]["entropy_sum"]) / (s0[k]["tokens"] + s1[k]["tokens"])
-            got = r0["steps"][k]["pi" if name == "thermostat" else "coef"]["last_entropy"]
-            assert got == pytest.approx(expect, rel=1e-12, abs=0)
+            got = r0["steps"][k][ctrl][key]
+            assert got == pytest.approx(expect, rel=1e-9 if name == "entrocraft" else 1e-12, abs=0)
         # the fully masked step of rank 1 contributes no token: the step's entropy is rank 0's
         assert s1[1]["tokens"] == 0 and s0[1]["tokens"] > 0
 

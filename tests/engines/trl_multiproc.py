@@ -41,6 +41,8 @@ METHODS = {
     "adaptive_entropy": {"target": 3.025, "delta": 1e-3, "coef_max": 0.01},
     "steer": {"scope": "global"},
     "forking_tokens": {},
+    # begin_step (a collective) with each step's rollout; below the band (NSR) so that the step trains
+    "entrocraft": {"lower": (5.0, 5.0), "upper": (6.0, 6.0), "total_steps": 4},
 }
 #: per-micro-batch statistics a global scope makes identical across ranks
 SHARED = {"steer": "steer/omega_max", "forking_tokens": "forking_tokens/threshold"}

@@ -206,7 +206,8 @@ def test_training_matches_trl(loss_type, tok, model_dir, tmp_path):
     """3 optimizer steps, 2 micro-batches each, every generation used twice (num_iterations=2: TRL computes old
     log-probs), truncated completions masked (some micro-batches fully masked), epsilon_high and beta set."""
     kw = dict(loss_type=loss_type, gradient_accumulation_steps=2, num_iterations=2, epsilon_high=0.28, beta=0.05,
-              mask_truncated_completions=True, max_completion_length=8, max_steps=3, learning_rate=3e-3)
+              mask_truncated_completions=True, max_completion_length=8, max_steps=3, learning_rate=0.3,
+              optim="sgd")  # SGD: the parameters move linearly in the gradient (Adam's first steps hide its scale)
     runs = []
     for cls in (GRPOTrainer, EntropyGRPOTrainer):
         model = _load(model_dir)
@@ -215,7 +216,7 @@ def test_training_matches_trl(loss_type, tok, model_dir, tmp_path):
         t.train()
         runs.append((_params(model), t.state.log_history))
     (p_ref, h_ref), (p_our, h_our) = runs
-    assert (p_ref - _params(_load(model_dir))).abs().max() > 1e-3  # training moved the parameters
+    assert (p_ref - _params(_load(model_dir))).abs().max() > 1e-2  # training moved the parameters
     torch.testing.assert_close(p_our, p_ref, rtol=0, atol=1e-6)
     assert [h.get("reward") for h in h_our] == [h.get("reward") for h in h_ref]  # the same completions
 

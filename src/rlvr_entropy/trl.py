@@ -136,6 +136,20 @@ def resolve_method(method: str | Method, method_config: dict[str, Any] | None = 
     return make_method(method, **cfg)
 
 
+def check_advantage_options(method: Method, *, off_policy_mask_threshold: float | None,
+                            vllm_is_correction: bool) -> None:
+    """TRL's off-policy sequence mask and vLLM importance-sampling correction reach a method through its advantages
+    (zeroed, resp. multiplied per token). A method that builds its advantages from the rewards (``needs`` holds
+    "rewards": w_reinforce, entrocraft) would drop them: raise, naming the option."""
+    if "rewards" not in method.needs:
+        return
+    for opt, on in (("off_policy_mask_threshold", off_policy_mask_threshold is not None),
+                    ("vllm_importance_sampling_correction", vllm_is_correction)):
+        if on:
+            raise ValueError(f"GRPOConfig.{opt} cannot be combined with method {method.name!r}: it builds its "
+                             f"advantages from the rewards, and TRL's {opt} reaches a method through its advantages")
+
+
 def trl_forward_inputs(inputs: dict[str, Any]) -> dict[str, Any]:
     """The multimodal model inputs TRL 1.16's ``_get_per_token_logps_and_entropies`` passes to the forward when the
     batch is scored in one chunk (as ``_compute_loss`` does): same keys, whole tensors."""
@@ -251,6 +265,8 @@ class EntropyGRPOTrainer(GRPOTrainer):
             raise ValueError(f"GRPOConfig.importance_sampling_level={self.importance_sampling_level!r}: "
                              "EntropyGRPOTrainer supports 'token' only")
         self.method = resolve_method(method, method_config, self.args)
+        check_advantage_options(self.method, off_policy_mask_threshold=self.off_policy_mask_threshold,
+                                vllm_is_correction=bool(self.use_vllm and self.vllm_importance_sampling_correction))
         self.collective: Collective = (TorchCollective() if self.accelerator.num_processes > 1
                                        else LocalCollective())
         self.method.set_collective(self.collective)
@@ -550,5 +566,6 @@ class _StepCallback(TrainerCallback):
         return control
 
 
-__all__ = ["EntropyGRPOTrainer", "resolve_method", "trl_pg_settings", "trl_forward_inputs", "MetricSums",
+__all__ = ["EntropyGRPOTrainer", "resolve_method", "trl_pg_settings", "trl_forward_inputs", "check_advantage_options",
+           "MetricSums",
            "LOSS_TYPES", "UNMAPPED_LOSS_TYPES", "TRL_OWNED", "MULTIMODAL_KEYS", "STATE_FILE"]

@@ -22,7 +22,7 @@ from trl import GRPOConfig  # noqa: E402
 
 import rlvr_entropy  # noqa: E402
 from rlvr_entropy.core.dist import FnCollective, LocalCollective  # noqa: E402
-from rlvr_entropy.trl import EntropyGRPOTrainer, MetricSums, resolve_method  # noqa: E402
+from rlvr_entropy.trl import EntropyGRPOTrainer, MetricSums, check_advantage_options, resolve_method  # noqa: E402
 from tests.engines.tiny_hf import digit_reward, make_dataset, make_model, make_tokenizer  # noqa: E402
 from tests.engines.trl_helpers import one_torch_thread  # noqa: E402,F401  (autouse fixture)
 
@@ -134,6 +134,18 @@ def test_grpo_config_owns_the_pg_settings(tok, tmp_path):
 def test_unmappable_or_conflicting_options_raise(method_config, args, match, tok, tmp_path):
     with pytest.raises(ValueError, match=match):
         _trainer(tok, tmp_path, "grpo", method_config, **args)
+
+
+def test_advantage_options_with_methods_that_ignore_the_advantages(tok, tmp_path):
+    """w_reinforce / entrocraft build their advantages from rewards: TRL's options that act through the advantages
+    would be lost, so they raise."""
+    for name in ("w_reinforce", "entrocraft"):
+        with pytest.raises(ValueError, match="off_policy_mask_threshold cannot be combined"):
+            _trainer(tok, tmp_path, name, off_policy_mask_threshold=0.5)
+        with pytest.raises(ValueError, match="vllm_importance_sampling_correction cannot be combined"):
+            check_advantage_options(rlvr_entropy.make_method(name), off_policy_mask_threshold=None,
+                                    vllm_is_correction=True)
+    check_advantage_options(rlvr_entropy.make_method("grpo"), off_policy_mask_threshold=0.5, vllm_is_correction=True)
 
 
 def test_method_instances_and_names(tok, tmp_path):

@@ -98,6 +98,30 @@ def trl_pg_settings(args: Any) -> dict[str, tuple[Any, str]]:
     }
 
 
+def grpo_config_kwargs(method: str | Method, method_config: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The GRPOConfig keyword arguments that give ``method`` (a name + config overrides, or an instance) its own PG
+    settings under EntropyGRPOTrainer (the inverse of :func:`trl_pg_settings`): ``loss_type``, ``epsilon``,
+    ``epsilon_high``, ``delta`` and, for "seq-mean-token-sum-norm", ``max_completion_length`` (= norm_length).
+    Raises ValueError for what GRPOConfig cannot express (token-sum, a norm_length of None, a dual clip
+    <= 1 + eps_high)."""
+    c = (method if isinstance(method, Method) else make_method(method, **(method_config or {}))).config
+    inverse = {"seq-mean-token-mean": "grpo", "token-mean": "dapo", "seq-mean-token-sum-norm": "dr_grpo",
+               "seq-mean-token-sum": "luspo"}
+    if c.loss_agg_mode not in inverse:
+        raise ValueError(f"loss_agg_mode={c.loss_agg_mode!r} has no GRPOConfig.loss_type; use one of "
+                         f"{sorted(inverse)}")
+    out: dict[str, Any] = {"loss_type": inverse[c.loss_agg_mode], "epsilon": c.eps_low, "epsilon_high": c.eps_high,
+                           "delta": c.dual_clip}
+    if c.dual_clip is not None and not c.dual_clip > 1.0 + c.eps_high:
+        raise ValueError(f"dual_clip={c.dual_clip} <= 1 + eps_high: GRPOConfig.delta cannot express it")
+    if c.loss_agg_mode == "seq-mean-token-sum-norm":
+        if c.norm_length is None:
+            raise ValueError("loss_agg_mode='seq-mean-token-sum-norm' with norm_length=None (the padded length) has "
+                             "no GRPOConfig equivalent: set norm_length (GRPOConfig.max_completion_length)")
+        out["max_completion_length"] = c.norm_length
+    return out
+
+
 def resolve_method(method: str | Method, method_config: dict[str, Any] | None = None, args: Any = None) -> Method:
     """A Method from a registered name (+ config overrides) or an instance (then method_config must be None).
 
@@ -566,6 +590,6 @@ class _StepCallback(TrainerCallback):
         return control
 
 
-__all__ = ["EntropyGRPOTrainer", "resolve_method", "trl_pg_settings", "trl_forward_inputs", "check_advantage_options",
+__all__ = ["EntropyGRPOTrainer", "resolve_method", "trl_pg_settings", "grpo_config_kwargs", "trl_forward_inputs", "check_advantage_options",
            "MetricSums",
            "LOSS_TYPES", "UNMAPPED_LOSS_TYPES", "TRL_OWNED", "MULTIMODAL_KEYS", "STATE_FILE"]

@@ -22,7 +22,8 @@ from trl import GRPOConfig  # noqa: E402
 
 import rlvr_entropy  # noqa: E402
 from rlvr_entropy.core.dist import FnCollective, LocalCollective  # noqa: E402
-from rlvr_entropy.trl import EntropyGRPOTrainer, MetricSums, check_advantage_options, resolve_method  # noqa: E402
+from rlvr_entropy.trl import (EntropyGRPOTrainer, MetricSums, check_advantage_options, grpo_config_kwargs,  # noqa: E402
+                              resolve_method)
 from tests.engines.tiny_hf import digit_reward, make_dataset, make_model, make_tokenizer  # noqa: E402
 from tests.engines.trl_helpers import one_torch_thread  # noqa: E402,F401  (autouse fixture)
 
@@ -146,6 +147,25 @@ def test_advantage_options_with_methods_that_ignore_the_advantages(tok, tmp_path
             check_advantage_options(rlvr_entropy.make_method(name), off_policy_mask_threshold=None,
                                     vllm_is_correction=True)
     check_advantage_options(rlvr_entropy.make_method("grpo"), off_policy_mask_threshold=0.5, vllm_is_correction=True)
+
+
+@pytest.mark.parametrize("name", rlvr_entropy.available_methods())
+def test_grpo_config_kwargs_give_a_method_its_own_pg_settings(name, tmp_path):
+    """grpo_config_kwargs is the inverse of the mapping: GRPOConfig built from it gives back the paper defaults."""
+    kw = grpo_config_kwargs(name)
+    args = _args(tmp_path, **{"max_completion_length": 6, **kw})
+    m, ref = resolve_method(name, None, args), rlvr_entropy.make_method(name)
+    for f in ("eps_low", "eps_high", "dual_clip", "loss_agg_mode", "norm_length"):
+        assert getattr(m.config, f) == getattr(ref.config, f), f
+
+
+def test_grpo_config_kwargs_refuses_what_grpo_config_cannot_express():
+    for cfg, match in [({"loss_agg_mode": "token-sum"}, "token-sum"),
+                       ({"loss_agg_mode": "seq-mean-token-sum-norm", "norm_length": None}, "norm_length=None"),
+                       ({"dual_clip": 1.1}, "dual_clip")]:
+        with pytest.raises(ValueError, match=match):
+            grpo_config_kwargs("grpo", cfg)
+    assert grpo_config_kwargs("siren")["loss_type"] == "dr_grpo"
 
 
 def test_method_instances_and_names(tok, tmp_path):

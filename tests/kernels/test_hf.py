@@ -45,6 +45,11 @@ def test_source_equals_the_models_logits(name, kw):
         if a is not None:
             torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
     assert m.get_output_embeddings().forward.__func__ is torch.nn.Linear.forward  # the recorder is gone
+    # the backbone's output, captured during an ordinary forward, is the same hidden state (verl's fused path)
+    hf.check_lm_head(m, backbone=True)
+    with hf.capture_backbone_hidden(m) as seen:
+        m(input_ids=ids, attention_mask=am)
+    torch.testing.assert_close(seen["hidden"][:, -(k + 1):-1], src.hidden)
 
 
 def test_soft_capping_and_unknown_post_processing_raise():
@@ -62,6 +67,12 @@ def test_soft_capping_and_unknown_post_processing_raise():
     with pytest.raises(ValueError, match="post-processes"):
         hf.check_lm_head(m)
     hf.check_lm_head(_model("Llama"))  # a plain model passes
+
+    rescaled = _model("Llama")  # rescales hidden states between its backbone and its head
+    rescaled.lm_head.register_forward_pre_hook(lambda mod, args: (args[0] * 0.5,))
+    hf.check_lm_head(rescaled)  # the recorder sees the head's real input
+    with pytest.raises(ValueError, match="backbone"):
+        hf.check_lm_head(rescaled, backbone=True)
     with pytest.raises(ValueError, match="logits_to_keep"):
         hf.causal_lm_hidden(m, torch.zeros(1, 3, dtype=torch.long), None, 0)
     with pytest.raises(ValueError, match="causal LM"):

@@ -14,6 +14,10 @@ Imports no engine (duck-typed on the transformers ``PreTrainedModel`` interface:
   times that scale, so a model that post-processes its logits in some other way raises instead of training on
   the wrong distribution.
 * :func:`causal_lm_source` puts it together (the scale is folded into the temperature: exact).
+* :func:`capture_backbone_hidden` records the backbone's last hidden state during an engine's own forward (e.g.
+  verl's ``use_fused_kernels=True`` path, which computes log-probs and entropy from hidden states itself), for a
+  source that serves only the method's extra statistics; ``check_lm_head(model, backbone=True)`` verifies that
+  this hidden state is the LM head's input for the model.
 
 Not covered: FSDP-sharded heads (gather the weight first, as TRL's ``maybe_gather_lm_head_ctx`` does), heads that
 are not ``torch.nn.Linear``, encoder-decoder models.
@@ -22,15 +26,17 @@ from __future__ import annotations
 
 import math
 import weakref
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
 
 from rlvr_entropy.kernels.lm_head import LMHeadSource
 
-__all__ = ["lm_head_params", "causal_lm_hidden", "check_lm_head", "causal_lm_source"]
+__all__ = ["lm_head_params", "causal_lm_hidden", "check_lm_head", "causal_lm_source", "capture_backbone_hidden"]
 
-_CHECKED: "weakref.WeakSet[torch.nn.Module]" = weakref.WeakSet()
+_CHECKED: "weakref.WeakKeyDictionary[Any, set[bool]]" = weakref.WeakKeyDictionary()  # model -> checked settings
 
 
 def _unwrap(model: Any) -> Any:
@@ -86,13 +92,15 @@ def lm_head_params(model: Any) -> tuple[torch.Tensor, torch.Tensor | None, float
 
 
 def causal_lm_hidden(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, logits_to_keep: int,
-                     **model_kwargs: Any) -> torch.Tensor:
+                     *, return_outputs: bool = False, **model_kwargs: Any) -> Any:
     """The LM head's input at the positions that predict the last ``logits_to_keep`` tokens: [B, k, H].
 
     The same positions as ``model(input_ids, attention_mask, logits_to_keep=k + 1).logits[:, :-1]`` (TRL's
     ``_full_logits``): the model runs its ordinary forward (so wrappers, hooks and autocast apply) with its
     output-embedding module replaced, for the call, by a recorder that returns a [B, L, 1] placeholder instead of
-    [B, L, V] logits. Gradient flows from the returned hidden states into the backbone as usual."""
+    [B, L, V] logits. Gradient flows from the returned hidden states into the backbone as usual.
+    ``return_outputs=True`` returns (hidden, the model's output) (e.g. for the MoE ``aux_loss``; its ``logits`` are
+    the placeholder)."""
     if not isinstance(logits_to_keep, int) or isinstance(logits_to_keep, bool) or logits_to_keep < 1:
         raise ValueError(f"logits_to_keep must be a positive int, got {logits_to_keep!r}")
     head = _unwrap(model).get_output_embeddings()
@@ -108,8 +116,8 @@ def causal_lm_hidden(model: Any, input_ids: torch.Tensor, attention_mask: torch.
 
     head.forward = record
     try:
-        model(input_ids=input_ids, attention_mask=attention_mask, logits_to_keep=logits_to_keep + 1,
-              use_cache=False, **model_kwargs)
+        out = model(input_ids=input_ids, attention_mask=attention_mask, logits_to_keep=logits_to_keep + 1,
+                    use_cache=False, **model_kwargs)
     finally:
         if had:
             head.forward = prev
@@ -120,18 +128,43 @@ def causal_lm_hidden(model: Any, input_ids: torch.Tensor, attention_mask: torch.
     h = seen["hidden"]
     if h.dim() != 3 or h.shape[1] < logits_to_keep + 1:
         raise ValueError(f"captured LM-head input of shape {list(h.shape)}; expected [B, >= {logits_to_keep + 1}, H]")
-    return h[:, -(logits_to_keep + 1):-1]
+    h = h[:, -(logits_to_keep + 1):-1]
+    return (h, out) if return_outputs else h
+
+
+@contextmanager
+def capture_backbone_hidden(model: Any) -> Iterator[dict[str, torch.Tensor]]:
+    """While active, every forward of the model's backbone (``base_model``) stores its last hidden state
+    (``last_hidden_state``, or the first output) in the yielded dict under ``"hidden"``, with its graph.
+
+    For engines whose own forward already computes log-probs from hidden states (verl ``use_fused_kernels=True``,
+    TRL's fused LM head): the captured tensor, laid out like their logits would be, gives an
+    :class:`LMHeadSource` for the method's other statistics. ``check_lm_head(model, backbone=True)`` verifies it is
+    the LM head's input for this model (not so where the model rescales hidden states before its head)."""
+    backbone = _unwrap(model).base_model
+    seen: dict[str, torch.Tensor] = {}
+
+    def hook(module: Any, args: Any, out: Any) -> None:
+        seen["hidden"] = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
+
+    handle = backbone.register_forward_hook(hook)
+    try:
+        yield seen
+    finally:
+        handle.remove()
 
 
 @torch.no_grad()
-def check_lm_head(model: Any, *, length: int = 6, atol: float = 1e-3, rtol: float = 1e-3) -> None:
+def check_lm_head(model: Any, *, length: int = 6, atol: float = 1e-3, rtol: float = 1e-3,
+                  backbone: bool = False) -> None:
     """Raise ValueError unless the model's logits equal ``(hidden @ W^T + b) * logit_scale`` on a tiny input.
 
-    One forward of a [1, length] input (once per model object: later calls return at once). Catches models that
-    transform their LM-head output in a way :func:`lm_head_params` does not know. Runs in the model's current
-    mode (use eval mode, or no dropout, for a deterministic comparison: the check runs the model twice)."""
+    One forward of a [1, length] input (once per model object and ``backbone`` setting: later calls return at once).
+    Catches models that transform their LM-head output in a way :func:`lm_head_params` does not know. With
+    ``backbone=True`` also checks that :func:`capture_backbone_hidden` records the LM head's input. The model runs in
+    eval mode for the check (no dropout) and is put back in its mode."""
     m = _unwrap(model)
-    if m in _CHECKED:
+    if backbone in _CHECKED.get(m, ()):
         return
     weight, bias, scale = lm_head_params(m)
     V = weight.shape[0]
@@ -141,7 +174,8 @@ def check_lm_head(model: Any, *, length: int = 6, atol: float = 1e-3, rtol: floa
     was_training = m.training
     m.eval()
     try:
-        ref = m(input_ids=ids, attention_mask=am, use_cache=False).logits[:, -length:-1].float()
+        with capture_backbone_hidden(m) as seen:
+            ref = m(input_ids=ids, attention_mask=am, use_cache=False).logits[:, -length:-1].float()
         h = causal_lm_hidden(m, ids, am, length - 1).float()
     finally:
         m.train(was_training)
@@ -150,24 +184,32 @@ def check_lm_head(model: Any, *, length: int = 6, atol: float = 1e-3, rtol: floa
         err = float((ours - ref).abs().max()) if ref.shape == ours.shape else float("nan")
         raise ValueError(f"the model's logits are not (hidden @ W^T + b) x {scale} (max difference {err:.3g}): it "
                          "post-processes them in a way the tiled LM-head pass does not support")
-    _CHECKED.add(m)
+    if backbone:
+        hb = seen.get("hidden")
+        if hb is None or hb.shape[1] < length or not torch.allclose(hb[:, -length:-1].float(), h, atol=atol,
+                                                                       rtol=rtol):
+            raise ValueError("the backbone's last hidden state is not the LM head's input for this model: use "
+                             "causal_lm_hidden (which records the head's input) instead of capture_backbone_hidden")
+    _CHECKED.setdefault(m, set()).add(backbone)
 
 
 def causal_lm_source(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, *,
                      logits_to_keep: int, token_ids: torch.Tensor, mask: torch.Tensor | None,
                      temperature: float = 1.0, tile_size: int | None = None, check: bool = True,
-                     **model_kwargs: Any) -> LMHeadSource:
+                     return_outputs: bool = False, **model_kwargs: Any) -> Any:
     """An :class:`LMHeadSource` for the completion positions of a causal LM (what ``TokenBatch.lm_head`` takes).
 
     token_ids [B, k]: the completion tokens (k = logits_to_keep); mask [B, k]: the valid ones. The model's logit
     scale is folded into the temperature (temperature / scale: exact). ``check``: run :func:`check_lm_head` once
-    per model."""
+    per model. ``return_outputs=True`` returns (source, the model's output), e.g. for the MoE ``aux_loss``."""
     if check:
         check_lm_head(model)
     weight, bias, scale = lm_head_params(model)
-    hidden = causal_lm_hidden(model, input_ids, attention_mask, logits_to_keep, **model_kwargs)
+    hidden, out = causal_lm_hidden(model, input_ids, attention_mask, logits_to_keep, return_outputs=True,
+                                   **model_kwargs)
     hidden = hidden.to(weight.device)
     if not isinstance(temperature, (int, float)) or isinstance(temperature, bool) or not temperature > 0:
         raise ValueError(f"temperature must be a positive number, got {temperature!r}")
-    return LMHeadSource(hidden, weight, bias, token_ids=token_ids, temperature=float(temperature) / scale,
-                        mask=mask, tile_size=tile_size)
+    src = LMHeadSource(hidden, weight, bias, token_ids=token_ids, temperature=float(temperature) / scale,
+                       mask=mask, tile_size=tile_size)
+    return (src, out) if return_outputs else src

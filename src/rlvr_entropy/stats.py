@@ -862,6 +862,16 @@ def _proxy_rows(blk: torch.Tensor, log_kappa: float) -> tuple[torch.Tensor, torc
     return torch.logsumexp(kept, -1) - lse, mx - lse
 
 
+def _proxy_from_entropy_block(blk: torch.Tensor, ebuf: torch.Tensor, mx: torch.Tensor, logs: torch.Tensor,
+                              log_kappa: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`_proxy_rows` from what :func:`_entropy_block` left: e = exp(z - max) in ebuf, the row maxima mx and
+    log S = log sum e. The kept set is the same comparison z >= max + log kappa; Z = (sum of e over it) / S, so
+    one compare-and-sum pass replaces two logsumexps."""
+    e = ebuf[:blk.shape[0]]
+    kept = torch.where(blk >= (mx + log_kappa)[:, None], e, torch.zeros((), dtype=e.dtype, device=e.device))
+    return kept.sum(-1).log() - logs, -logs
+
+
 @torch.no_grad()
 def proxy_log_mass(logits: torch.Tensor, kappa: float, *, mask: torch.Tensor | None = None,
                    chunk_size: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:

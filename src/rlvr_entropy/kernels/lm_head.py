@@ -10,7 +10,8 @@ terms, Lp-Reg's min-p proxy, AEnt's clamped entropy, the entropy-change probe) g
 Forward: row tiles of ``tile_size`` positions; each tile's logits [tile, V] are computed from hidden @ W^T (+ b),
 divided by the temperature, and reduced in cache-sized blocks of rows by the block functions of
 :mod:`rlvr_entropy.stats` (``_entropy_second_block``, ``_top_p_rows``, ``_clamped_rows``, ``_proxy_rows``), so
-every statistic has exactly the arithmetic of its unfused function on materialized logits. Only per-position
+every statistic has the arithmetic of its unfused function on materialized logits (the min-p proxy mass
+reuses the entropy block's exp(z - max): the same kept set, one pass instead of two logsumexps). Only per-position
 scalars are kept. Backward: each tile's logits are recomputed, the gradient of every requested statistic is
 accumulated block by block into the tile (log-prob and entropy densely, the top-p nucleus sparsely through
 ``stats._top_p_grad_rows``, the clamped entropy through ``stats._clamped_grad_rows``), and three GEMMs give the
@@ -79,7 +80,7 @@ class _Plan:
         self.requests = tuple(requests)
         self.vocab = vocab
         kinds = {r.kind for r in self.requests}
-        self.ent = bool(kinds & {"log_prob", "entropy", "change_terms"})
+        self.ent = bool(kinds & {"log_prob", "entropy", "change_terms", "proxy_log_mass"})
         self.second = "change_terms" in kinds
         self.tops = [r for r in self.requests if r.kind == "top_p_entropy"]
         self.clamps = [r for r in self.requests if r.kind == "clamped_entropy"]
@@ -128,6 +129,8 @@ class _LMHeadStats(torch.autograd.Function):
                         else:
                             hh, mx, logs, ni = st._entropy_block(blk, ybuf, ebuf)
                         h_ent[rows], lse[rows], neg_inf[rows] = hh, mx + logs, ni
+                        for r, (lz, lm) in zip(plan.proxies, proxies):  # reads exp(z - max) left in ebuf
+                            lz[rows], lm[rows] = st._proxy_from_entropy_block(blk, ebuf, mx, logs, math.log(r.kappa))
                         if log_prob is not None:
                             log_prob[rows] = blk.gather(1, ids[rows, None]).squeeze(1) - lse[rows]
                     if plan.tops:
@@ -138,8 +141,6 @@ class _LMHeadStats(torch.autograd.Function):
                                 out[k][rows] = v
                     for r, out in zip(plan.clamps, clamps):
                         out["h"][rows], out["thr"][rows], out["lse"][rows] = st._clamped_rows(blk, plan.n_keep(r))
-                    for r, (lz, lm) in zip(plan.proxies, proxies):
-                        lz[rows], lm[rows] = st._proxy_rows(blk, math.log(r.kappa))
         outputs: list[torch.Tensor] = []
         for r in plan.requests:
             if r.kind == "log_prob":

@@ -10,6 +10,10 @@ pass@1 the other reaches, and :func:`at_matched` reads that off by interpolating
 
 Results are cached in ``<run>/frontier.json`` (keyed by the evaluation settings and the checkpoint's step), so a
 report can be rebuilt without sampling again.
+
+The point at the run's own temperature is the run's final evaluation itself (same samples, so the frontier and the
+results table agree to the last digit); the other temperatures sample the same held-out problems with one seed
+(the final evaluation's), so the curve differs between temperatures only by the temperature.
 """
 from __future__ import annotations
 
@@ -21,17 +25,22 @@ from typing import Sequence
 FRONTIER_FILE = "frontier.json"
 
 
+FRONTIER_VERSION = 2  # 2: the final evaluation's seed for every temperature, its own records at the run's T
+
+
 def _key(temperatures: Sequence[float], samples: int, k: int, step: int) -> str:
-    return json.dumps({"T": [round(float(t), 6) for t in temperatures], "n": samples, "k": k, "step": step})
+    return json.dumps({"T": [round(float(t), 6) for t in temperatures], "n": samples, "k": k, "step": step,
+                       "v": FRONTIER_VERSION})
 
 
 def temperature_sweep(run_dir: str | Path, temperatures: Sequence[float], samples: int | None = None,
                       k: int | None = None, use_cache: bool = True) -> list[dict]:
     """Evaluate a run's final checkpoint (``ckpt.pt``) at each temperature on the run's held-out problems.
 
-    Returns one record per temperature (``{"T": t, "eval/pass@1": ..., "eval/pass@8": ..., ...}``, the keys of
-    :func:`rlvr_entropy.testbed.train.evaluate`). ``samples`` / ``k`` default to the run's own evaluation settings;
-    every temperature uses the same sampling seed, so the curves differ only by the temperature.
+    Returns one record per temperature (``{"T": t, "eval/pass@1": ..., "eval/pass@8": ..., ..., "source": ...}``,
+    the keys of :func:`rlvr_entropy.testbed.train.evaluate`). ``samples`` / ``k`` default to the run's own
+    evaluation settings; every temperature uses the final evaluation's sampling seed, and at the run's own
+    temperature (with those settings) the record is the final evaluation itself (``"source": "final evaluation"``).
     """
     import torch
 
@@ -66,11 +75,19 @@ def temperature_sweep(run_dir: str | Path, temperatures: Sequence[float], sample
     model.load_state_dict(ck["model"])
     model.eval()
     problems = tr.eval_problems(task, cfg.eval_problems)
+    step = int(ck["step"])
+    final = ck.get("last_eval") or {}
     recs = []
     for t in temps:
-        r = tr.evaluate(model, task, tok, problems, n, kk, t, seed=cfg.seed * 100_003 + 7)
-        recs.append({"T": t, **r})
-    cache.write_text(json.dumps({"key": key, "records": recs}))
+        if (abs(t - cfg.temperature) < 1e-9 and n == cfg.eval_samples and kk == cfg.eval_k and step == cfg.steps
+                and "eval/pass@1" in final):
+            recs.append({"T": t, **final, "source": "final evaluation"})
+            continue
+        r = tr.evaluate(model, task, tok, problems, n, kk, t, seed=cfg.seed * 100_003 + step)
+        recs.append({"T": t, **r, "source": "sampled"})
+    tmp = cache.with_suffix(".tmp")
+    tmp.write_text(json.dumps({"key": key, "records": recs}))
+    tmp.replace(cache)
     return recs
 
 

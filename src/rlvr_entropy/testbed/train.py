@@ -8,8 +8,15 @@ rollout policy; rewards) and calling ``method.compute_loss(batch, step=step)``; 
 
 Every ``eval_every`` steps (and at steps 0 and the last): held-out problems x ``eval_samples`` samples, pass@1,
 unbiased pass@k, maj@k, distinct correct solutions, token entropy. Every step appends one JSON line to
-``metrics.jsonl`` (flushed). Checkpoints (model, optimizer, method state, RNG, step) every ``checkpoint_every``
-steps and at the end; a run restarts from its last checkpoint.
+``metrics.jsonl`` (flushed). Checkpoints (model, optimizer, method state, RNG, step; ~10 MB, written to a temporary
+file then renamed, so a kill never leaves a torn one) every ``checkpoint_every`` steps (default 5) and at the end;
+rerunning the same command continues from the last one and says so (``resuming ... from step N``), and the resumed
+run ends with the metrics of an uninterrupted one (the RNG states travel in the checkpoint).
+
+Speed (profiled; see docs/testbed.md): the model is :class:`~rlvr_entropy.testbed.model.TinyQwen2`, which computes
+each GRPO group's shared prompt once in sampling and in the loss and samples with a preallocated KV cache; the
+step-0 evaluation is cached with the warm start (every method of a seed shares it). Each record carries the step's
+time split (``gen_s``, ``update_s``, ``eval_s``, ``ckpt_s``).
 
 Deviations from the prototype in /work/shared/TESTBED.md: the old log-probs are the sampling pass's (same
 weights, no dropout, so equal up to float rounding) instead of a second forward.
@@ -22,6 +29,7 @@ import json
 import math
 import os
 import random
+import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -29,12 +37,15 @@ from typing import Any
 
 import torch
 
-from rlvr_entropy.testbed.metrics import distinct_correct, maj_at_k, mean_pass_at_k
-from rlvr_entropy.testbed.model import ModelConfig, Samples, build_model, sample
+from rlvr_entropy.testbed.metrics import distinct_correct, maj_at_k, mean_pass_at_k, pass_at_k
+from rlvr_entropy.testbed.model import ModelConfig, Samples, TinyQwen2, build_model, response_logits, sample
 from rlvr_entropy.testbed.tasks import Problem, Task, final_answer, get_task
+from rlvr_entropy.testbed.optim import AdamW
+from rlvr_entropy.testbed.progress import Progress
 from rlvr_entropy.testbed.tokenizer import CharTokenizer
 
 WARM_START_VERSION = 1  # bump when the warm-start recipe changes (part of the cache key)
+EVAL_VERSION = 1  # bump when evaluate() or the sampler changes what it returns (key of the cached step-0 evaluation)
 
 
 @dataclass(frozen=True)
@@ -73,8 +84,9 @@ class TrainConfig:
     """Samples per held-out problem (n of the unbiased pass@k)."""
     eval_k: int = 8
     """k of pass@k and maj@k (<= eval_samples)."""
-    checkpoint_every: int = 50
-    """Checkpoint every this many steps (and at the end); 0: only at the end."""
+    checkpoint_every: int = 5
+    """Checkpoint every this many steps (and at the end); 0: only at the end. A checkpoint costs ~30 ms, so the
+    default 5 loses at most 4 steps to a kill for ~1% of the run time."""
     width: int = 128
     """Model width."""
     layers: int = 4
@@ -93,21 +105,42 @@ class TrainConfig:
     """Seed of the warm start (shared by every RL seed so runs start from the same policy)."""
 
     def __post_init__(self) -> None:
+        """Every field checked on construction; errors name the field and the allowed range (one line)."""
+        if not isinstance(self.task, str):
+            raise ValueError(f"task must be a task name, got {self.task!r}")
         get_task(self.task)
-        for name in ("steps", "warm_start_steps", "checkpoint_every"):
+        for fld in dataclasses.fields(self):
+            v = getattr(self, fld.name)
+            if fld.type in ("int", int) and (isinstance(v, bool) or not isinstance(v, int)):
+                raise ValueError(f"{fld.name} must be an integer, got {v!r}")
+            if fld.type in ("float", float) and (isinstance(v, bool) or not isinstance(v, (int, float))
+                                                 or not math.isfinite(v)):
+                raise ValueError(f"{fld.name} must be a finite number, got {v!r}")
+            if fld.type in ("bool", bool) and not isinstance(v, bool):
+                raise ValueError(f"{fld.name} must be true or false, got {v!r}")
+        for name in ("seed", "warm_start_steps", "warm_start_seed", "checkpoint_every"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
-        for name in ("prompts_per_step", "samples_per_prompt", "minibatches", "epochs", "eval_every",
+        for name in ("steps", "prompts_per_step", "samples_per_prompt", "minibatches", "epochs", "eval_every",
                      "eval_problems", "eval_samples", "eval_k", "width", "layers", "heads", "mlp",
                      "warm_start_batch"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("lr", "temperature", "warm_start_lr"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
+        for name in ("weight_decay", "grad_clip"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0 (0 disables), got {getattr(self, name)}")
         if self.eval_k > self.eval_samples:
             raise ValueError(f"eval_k ({self.eval_k}) must be <= eval_samples ({self.eval_samples})")
         if (self.prompts_per_step * self.samples_per_prompt) % self.minibatches:
-            raise ValueError("prompts_per_step * samples_per_prompt must be divisible by minibatches")
-        if not self.temperature > 0 or not self.lr > 0:
-            raise ValueError("temperature and lr must be > 0")
+            raise ValueError(f"minibatches ({self.minibatches}) must divide prompts_per_step * samples_per_prompt "
+                             f"({self.prompts_per_step * self.samples_per_prompt})")
+        if self.width % self.heads:
+            raise ValueError(f"heads ({self.heads}) must divide width ({self.width})")
+        if self.width // self.heads % 2:
+            raise ValueError(f"width / heads ({self.width // self.heads}) must be even (rotary embedding)")
 
     @property
     def model(self) -> ModelConfig:
@@ -148,11 +181,9 @@ def _encode_prompts(tok: CharTokenizer, problems: list[Problem]) -> torch.Tensor
 
 
 def _response_logits(model, prompts: torch.Tensor, tokens: torch.Tensor, temperature: float) -> torch.Tensor:
-    """Logits [N, T, V] predicting each response token (prompt [N, P] + response [N, T], right padding)."""
-    P = prompts.shape[1]
-    x = torch.cat([prompts, tokens], 1)  # [N, P + T]
-    logits = model(input_ids=x[:, :-1]).logits[:, P - 1:]  # [N, T, V]
-    return logits.float() / temperature
+    """Logits [N, T, V] predicting each response token (prompt [N, P] + response [N, T], right padding); rows that
+    share a prompt share its forward (see :func:`rlvr_entropy.testbed.model.response_logits`)."""
+    return response_logits(model, prompts, tokens, temperature)
 
 
 # ------------------------------------------------------------------------------------------ warm start
@@ -171,7 +202,7 @@ def warm_start(model, task: Task, tok: CharTokenizer, cfg: TrainConfig, progress
     n = cfg.warm_start_steps
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, n) / n)))
     model.train()
-    bar = _bar(n, "warm start", progress)
+    bar = Progress(n, "warm start") if progress else None
     loss_v = float("nan")
     t0 = time.time()
     with torch.random.fork_rng():
@@ -193,35 +224,78 @@ def warm_start(model, task: Task, tok: CharTokenizer, cfg: TrainConfig, progress
             sched.step()
             loss_v = float(loss.detach())
             if bar is not None:
-                bar.update(1)
-                bar.set_postfix(loss=f"{loss_v:.3f}")
+                bar.update(bar.done + 1, loss=f"{loss_v:.3f}")
     if bar is not None:
         bar.close()
     return {"warm_start_loss": loss_v, "warm_start_s": time.time() - t0}
 
 
-def initial_model(cfg: TrainConfig, task: Task, tok: CharTokenizer, progress: bool = False, use_cache: bool = True):
-    """The warm-started model for ``cfg``: loaded from the cache (``$RLVR_ENTROPY_CACHE`` or
-    ``~/.cache/rlvr-entropy``, file named by a hash of the recipe) or from ``testbed/assets/`` when a copy is
-    shipped there, else trained with :func:`warm_start` and cached."""
+def _save_atomic(obj, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".tmp{os.getpid()}")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def _random_init(cfg: TrainConfig, tok: CharTokenizer, use_cache: bool) -> TinyQwen2:
+    """The seeded random initialization (``transformers``' own, see :func:`build_model`), cached by model size and
+    seed so that later runs need not import ``transformers``."""
+    blob = json.dumps({"model": asdict(cfg.model), "vocab": tok.vocab_size, "seed": cfg.warm_start_seed,
+                       "ids": [tok.pad_id, tok.eos_id, tok.bos_id]}, sort_keys=True)
+    path = cache_dir() / "init" / f"{hashlib.sha256(blob.encode()).hexdigest()[:16]}.pt"
+    model = TinyQwen2(tok.vocab_size, cfg.model, pad_id=tok.pad_id, eos_id=tok.eos_id, bos_id=tok.bos_id)
+    if use_cache and path.exists():
+        model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+        return model
     model = build_model(tok.vocab_size, cfg.model, seed=cfg.warm_start_seed, pad_id=tok.pad_id, eos_id=tok.eos_id,
                         bos_id=tok.bos_id)
+    if use_cache:
+        _save_atomic(model.state_dict(), path)
+    return model
+
+
+def initial_model(cfg: TrainConfig, task: Task, tok: CharTokenizer, progress: bool = False,
+                  use_cache: bool = True) -> TinyQwen2:
+    """The warm-started model for ``cfg`` (a :class:`TinyQwen2`; ``.to_hf()`` gives the ``transformers`` model):
+    loaded from the cache (``$RLVR_ENTROPY_CACHE`` or ``~/.cache/rlvr-entropy``, file named by a hash of the recipe)
+    or from ``testbed/assets/`` when a copy is shipped there, else trained with :func:`warm_start` and cached."""
     if cfg.warm_start_steps == 0:
-        return model
+        return _random_init(cfg, tok, use_cache)
     name = f"{cfg.task}-{warm_start_key(cfg, tok.vocab_size)}.pt"
     path = cache_dir() / "warm_start" / name
     shipped = Path(__file__).parent / "assets" / name  # optional copy shipped with the package (same recipe)
     for p in ((path, shipped) if use_cache else ()):
         if p.exists():
+            model = TinyQwen2(tok.vocab_size, cfg.model, pad_id=tok.pad_id, eos_id=tok.eos_id, bos_id=tok.bos_id)
             model.load_state_dict(torch.load(p, map_location="cpu", weights_only=True))
             return model
+    model = _random_init(cfg, tok, use_cache)
     warm_start(model, task, tok, cfg, progress=progress)
+    if use_cache:
+        _save_atomic(model.state_dict(), path)
+    return model
+
+
+def warm_start_eval(cfg: TrainConfig, task: Task, tok: CharTokenizer, model, use_cache: bool = True) -> dict:
+    """The step-0 evaluation of ``cfg`` (the warm start, before any RL): the same for every method of a seed, so it
+    is cached next to the warm start, keyed by the recipe, the evaluation settings and the seed."""
+    blob = json.dumps({"v": EVAL_VERSION, "warm": warm_start_key(cfg, tok.vocab_size), "task": cfg.task,
+                       "n": cfg.eval_problems, "samples": cfg.eval_samples, "k": cfg.eval_k, "T": cfg.temperature,
+                       "seed": cfg.seed}, sort_keys=True)
+    path = cache_dir() / "eval0" / f"{cfg.task}-{hashlib.sha256(blob.encode()).hexdigest()[:16]}.json"
+    if use_cache and path.exists():
+        try:
+            return json.loads(path.read_text())
+        except json.JSONDecodeError:
+            pass
+    res = evaluate(model, task, tok, eval_problems(task, cfg.eval_problems), cfg.eval_samples, cfg.eval_k,
+                   cfg.temperature, seed=cfg.seed * 100_003)
     if use_cache:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(f".tmp{os.getpid()}")
-        torch.save(model.state_dict(), tmp)
+        tmp.write_text(json.dumps(res))
         os.replace(tmp, path)
-    return model
+    return res
 
 
 # ------------------------------------------------------------------------------------------ evaluation
@@ -240,6 +314,11 @@ def evaluate(model, task: Task, tok: CharTokenizer, problems: list[Problem], n: 
     correct = [ok[i * n:(i + 1) * n] for i in range(len(problems))]
     resp = [texts[i * n:(i + 1) * n] for i in range(len(problems))]
     out = {"eval/pass@1": mean_pass_at_k(correct, 1), "eval/pass@k": mean_pass_at_k(correct, k), "eval/k": k}
+    for name, kk in (("pass@1", 1), ("pass@k", k)):  # standard error over problems (the sampling noise of one run)
+        per = [pass_at_k(len(c), sum(c), kk) for c in correct]
+        mu = sum(per) / len(per)
+        out[f"eval/{name}_se"] = (math.sqrt(sum((x - mu) ** 2 for x in per) / (len(per) - 1) / len(per))
+                                  if len(per) > 1 else float("nan"))
     kk = 1
     while kk <= n:
         out[f"eval/pass@{kk}"] = mean_pass_at_k(correct, kk)
@@ -260,9 +339,11 @@ def evaluate(model, task: Task, tok: CharTokenizer, problems: list[Problem], n: 
 
 
 def _score(task: Task, tok: CharTokenizer, problems: list[Problem], tokens: torch.Tensor, n: int):
-    """Decoded responses (None when no EOS was produced) and verifier verdicts, row by row."""
+    """Decoded responses (None when no EOS was produced) and verifier verdicts, row by row (each distinct
+    response of a problem verified once: a sharpened policy repeats itself)."""
     has_eos = (tokens == tok.eos_id).any(1).tolist()
     texts, ok = [], []
+    seen: dict[tuple[int, str], bool] = {}
     for i, row in enumerate(tokens.tolist()):
         if not has_eos[i]:
             texts.append(None)
@@ -270,7 +351,10 @@ def _score(task: Task, tok: CharTokenizer, problems: list[Problem], tokens: torc
             continue
         t = tok.decode(row)
         texts.append(t)
-        ok.append(task.verify(problems[i // n], t))
+        key = (i // n, t)
+        if key not in seen:
+            seen[key] = task.verify(problems[i // n], t)
+        ok.append(seen[key])
     return texts, ok
 
 
@@ -285,14 +369,54 @@ def grpo_advantages(rewards: torch.Tensor, group: int, std_norm: bool, eps: floa
     return a.reshape(-1)
 
 
-def _bar(total: int, desc: str, enabled: bool, initial: int = 0):
-    if not enabled:
-        return None
-    try:
-        from tqdm import tqdm
-    except ImportError:
-        return None
-    return tqdm(total=total, initial=initial, desc=desc, leave=False, dynamic_ncols=True)
+class _Reporters:
+    """``report_to`` sinks for a run's per-step records: ``tensorboard`` (``<out>/tb``, needs the tensorboard
+    package) and ``wandb`` (a run named after the output directory, resumed with it; ``WANDB_MODE=offline`` works
+    without an account). Scalars only; each sink gets the record's step."""
+
+    def __init__(self, names, out: Path, run_name: str, config: dict) -> None:
+        self.sinks: list = []
+        for name in names or ():
+            if name == "tensorboard":
+                try:
+                    from torch.utils.tensorboard import SummaryWriter
+                except ImportError:
+                    raise ValueError("report_to tensorboard needs the tensorboard package: pip install tensorboard"
+                                     ) from None
+                w = SummaryWriter(log_dir=str(out / "tb"))
+                self.sinks.append(("tensorboard", w))
+            elif name == "wandb":
+                try:
+                    import wandb
+                except ImportError:
+                    raise ValueError("report_to wandb needs the wandb package: pip install wandb") from None
+                rid = hashlib.sha256(str(out.resolve()).encode()).hexdigest()[:12]
+                r = wandb.init(project=os.environ.get("WANDB_PROJECT", "rlvr-entropy"), name=run_name, id=rid,
+                               resume="allow", dir=str(out), config=config, reinit=True)
+                self.sinks.append(("wandb", r))
+            else:
+                raise ValueError(f"report_to: unknown sink {name!r}; available: {', '.join(REPORT_TO)}")
+
+    def log(self, rec: dict) -> None:
+        scalars = {k: float(v) for k, v in rec.items() if k != "step" and isinstance(v, (int, float))
+                   and not isinstance(v, bool) and math.isfinite(v)}
+        for kind, sink in self.sinks:
+            if kind == "tensorboard":
+                for k, v in scalars.items():
+                    sink.add_scalar(k, v, rec["step"])
+            else:
+                sink.log(scalars, step=int(rec["step"]))
+
+    def close(self) -> None:
+        for kind, sink in self.sinks:
+            if kind == "tensorboard":
+                sink.close()
+            else:
+                sink.finish()
+        self.sinks = []
+
+
+REPORT_TO = ("tensorboard", "wandb")
 
 
 def _jsonable(v: Any) -> Any:
@@ -357,25 +481,38 @@ def _extra_rollout(method, model, task, tok, problems, prompts, s, rewards, adv,
 
 
 def train(method_name: str, cfg: TrainConfig, out_dir: str | os.PathLike, method_overrides: dict | None = None,
-          resume: bool = True, progress: bool = True, use_cache: bool = True, threads: int | None = 1
-          ) -> dict[str, Any]:
+          resume: bool = True, progress: bool = True, use_cache: bool = True, threads: int | None = 1,
+          report_to: tuple[str, ...] | list[str] = (), log=None) -> dict[str, Any]:
     """Run (or resume) one testbed run; writes ``metrics.jsonl``, ``config.json`` and ``ckpt.pt`` in ``out_dir``.
-    Returns the last evaluation's metrics plus ``wall_s``.
+    Returns the last evaluation's metrics plus ``wall_s``, ``steps`` and ``resumed_from`` (0: a fresh start).
+
+    ``resume``: continue from ``out_dir/ckpt.pt`` when there is one (a checkpoint of another method or
+    configuration raises ``ValueError``); False starts over. One line says which happened (``log``, default: print
+    to stderr). ``report_to``: also send every step's scalars to ``"tensorboard"`` and/or ``"wandb"``.
 
     ``threads``: torch intra-op threads during the run (None: leave torch's setting). The default 1 is deliberate:
     on a shared 2-core machine two threads per process make each step ~30x slower as soon as another process
     competes for the cores (measured: generation 0.27 s -> 8.6 s), while one thread loses < 2x when idle."""
-    if threads is None:
-        return _train(method_name, cfg, out_dir, method_overrides, resume, progress, use_cache)
+    if threads is not None and threads < 1:
+        raise ValueError(f"threads must be >= 1, got {threads}")
     old = torch.get_num_threads()
-    torch.set_num_threads(threads)
+    if threads is not None:
+        torch.set_num_threads(threads)
+    closers: list = []  # what _train opened (metrics file, report_to sinks), closed however it ends
     try:
-        return _train(method_name, cfg, out_dir, method_overrides, resume, progress, use_cache)
+        return _train(method_name, cfg, out_dir, method_overrides, resume, progress, use_cache, tuple(report_to),
+                      log or (lambda msg: print(msg, file=sys.stderr, flush=True)), closers)
     finally:
+        for close in reversed(closers):
+            close()
         torch.set_num_threads(old)
 
 
-def _train(method_name, cfg, out_dir, method_overrides, resume, progress, use_cache):
+# settings that do not change a run's trajectory: a checkpoint written under other values resumes
+_RESUME_FREE = ("steps", "checkpoint_every")
+
+
+def _train(method_name, cfg, out_dir, method_overrides, resume, progress, use_cache, report_to, log, closers):
     from rlvr_entropy import TokenBatch, make_method
     from rlvr_entropy.stats import entropy as entropy_fn
 
@@ -388,7 +525,7 @@ def _train(method_name, cfg, out_dir, method_overrides, resume, progress, use_ca
     t_start = time.time()
     model = initial_model(cfg, task, tok, progress=progress, use_cache=use_cache)
     setup_s = time.time() - t_start
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    opt = AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)  # torch.optim's numbers, faster
     gen = torch.Generator().manual_seed(cfg.seed)
     evals = eval_problems(task, cfg.eval_problems)
     G = cfg.samples_per_prompt
@@ -404,12 +541,16 @@ def _train(method_name, cfg, out_dir, method_overrides, resume, progress, use_ca
     wall_before = 0.0
     last_eval: dict[str, Any] = {}
     if resume and ckpt_path.exists():
-        ck = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+        try:
+            ck = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+        except Exception as e:  # noqa: BLE001 - a checkpoint from a killed older version, a full disk, ...
+            raise ValueError(f"{ckpt_path} cannot be read ({type(e).__name__}: {e}); delete it or start over "
+                             "(--no-resume / resume=False)") from None
         if ck["method"] != method_name:
             raise ValueError(f"{out} holds a checkpoint of method {ck['method']!r}, not {method_name!r}; "
                              "use another --out or delete it")
-        mine = {k: v for k, v in asdict(cfg).items() if k != "steps"}
-        theirs = {k: v for k, v in ck.get("config", {}).items() if k != "steps"}
+        mine = {k: v for k, v in asdict(cfg).items() if k not in _RESUME_FREE}
+        theirs = {k: v for k, v in ck.get("config", {}).items() if k not in _RESUME_FREE}
         if mine != theirs or ck.get("method_overrides", method_overrides) != method_overrides:
             diff = sorted(k for k in set(mine) | set(theirs) if mine.get(k) != theirs.get(k))
             raise ValueError(f"{out} holds a checkpoint of a different configuration (differs in "
@@ -423,46 +564,70 @@ def _train(method_name, cfg, out_dir, method_overrides, resume, progress, use_ca
         start = int(ck["step"])
         wall_before = float(ck.get("wall_s", 0.0))
         last_eval = ck.get("last_eval", {})
-        kept = []
+        kept, dropped = [], 0
         if metrics_path.exists():  # drop lines written after the checkpoint
             for line in metrics_path.read_text().splitlines():
                 try:
                     if json.loads(line).get("step", 0) <= start:
                         kept.append(line)
+                    else:
+                        dropped += 1
                 except json.JSONDecodeError:
+                    dropped += 1
                     break  # a torn last line
         metrics_path.write_text("".join(x + "\n" for x in kept))
+        if start >= cfg.steps:
+            log(f"{out}: already trained to step {start} (checkpoint); nothing to do")
+        else:
+            log(f"resuming {out} from step {start} (checkpoint; {dropped} later step record(s) dropped, "
+                f"{cfg.steps - start} step(s) to go)")
     else:
+        if ckpt_path.exists():
+            log(f"{out}: starting over from step 0 (resume off; the old checkpoint is replaced)")
+            ckpt_path.unlink()
+        elif metrics_path.exists() and metrics_path.stat().st_size:
+            log(f"{out}: no checkpoint, starting over from step 0 (the old metrics.jsonl is replaced)")
+        else:
+            log(f"{out}: starting at step 0 ({method_name}, seed {cfg.seed}, {cfg.steps} steps)")
         metrics_path.write_text("")
     (out / "config.json").write_text(json.dumps({"method": method_name, "method_overrides": method_overrides,
                                                  "method_config": _jsonable_config(method.config),
-                                                 "train": asdict(cfg), "engine": "lean"}, indent=2))
+                                                 "train": asdict(cfg), "engine": "lean",
+                                                 "report_to": list(report_to)}, indent=2))
+    reporters = _Reporters(report_to, out, f"{method_name}-s{cfg.seed}",
+                           {"method": method_name, **method_overrides, **asdict(cfg)})
+    closers.append(reporters.close)
     f = metrics_path.open("a")
+    closers.append(f.close)
     t_loop = time.time()
 
     def wall() -> float:
         return wall_before + time.time() - t_loop
 
     def write(rec: dict) -> None:
-        f.write(json.dumps({k: _jsonable(v) for k, v in rec.items()}) + "\n")
+        rec = {k: _jsonable(v) for k, v in rec.items()}
+        f.write(json.dumps(rec) + "\n")
         f.flush()
+        reporters.log(rec)
 
-    def save(step: int) -> None:
-        tmp = ckpt_path.with_suffix(".tmp")
-        torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(), "method": method_name,
-                    "method_state": method.state_dict(), "rng": gen.get_state(),
-                    "torch_rng": torch.get_rng_state(), "step": step, "wall_s": wall(), "last_eval": last_eval,
-                    "config": asdict(cfg), "method_overrides": method_overrides}, tmp)
-        os.replace(tmp, ckpt_path)
+    def save(step: int) -> float:
+        t = time.time()
+        _save_atomic({"model": model.state_dict(), "optimizer": opt.state_dict(), "method": method_name,
+                      "method_state": method.state_dict(), "rng": gen.get_state(),
+                      "torch_rng": torch.get_rng_state(), "step": step, "wall_s": wall(), "last_eval": last_eval,
+                      "config": asdict(cfg), "method_overrides": method_overrides}, ckpt_path)
+        return time.time() - t
 
     def do_eval(step: int) -> dict:
         return evaluate(model, task, tok, evals, cfg.eval_samples, cfg.eval_k, cfg.temperature,
                         seed=cfg.seed * 100_003 + step)
 
     if start == 0:
-        last_eval = do_eval(0)
-        write({"step": 0, "wall_s": wall(), "setup_s": setup_s, **last_eval})
-    bar = _bar(cfg.steps, f"{method_name} s{cfg.seed}", progress, initial=start)
+        t = time.time()
+        last_eval = warm_start_eval(cfg, task, tok, model, use_cache=use_cache)
+        write({"step": 0, "wall_s": wall(), "setup_s": setup_s, "eval_s": time.time() - t, **last_eval})
+    bar = Progress(cfg.steps, f"{method_name} seed {cfg.seed}", initial=start) if progress else None
+    ckpt_s = 0.0
     for step in range(start + 1, cfg.steps + 1):
         t0 = time.time()
         problems = task.sample("train", cfg.prompts_per_step, seed=f"{cfg.seed}-{step}")
@@ -478,6 +643,7 @@ def _train(method_name, cfg, out_dir, method_overrides, resume, progress, use_ca
             prompts, s, rewards, adv, group_reward, group_std, group_size = _extra_rollout(
                 method, model, task, tok, problems, prompts, s, rewards, adv, cfg, gen)
         t_gen = time.time() - t0
+        t_upd = time.time()
         if step == 1 and start == 0:
             with torch.no_grad():
                 lg = _response_logits(model, prompts, s.tokens, cfg.temperature)
@@ -525,29 +691,33 @@ def _train(method_name, cfg, out_dir, method_overrides, resume, progress, use_ca
         method.end_step()  # controllers update from the whole rollout step (every minibatch)
         rewards, s = rollout
         valid_h = s.entropy[s.mask].float()
-        pct = (torch.quantile(valid_h, torch.tensor([0.1, 0.5, 0.9])).tolist() if valid_h.numel()
-               else [float("nan")] * 3)
+        pct = (torch.quantile(valid_h, torch.tensor([0.1, 0.5, 0.9, 0.99])).tolist() if valid_h.numel()
+               else [float("nan")] * 4)
         rec = {"step": step, "reward": float(rewards.mean()),
                "entropy": float(s.entropy.sum() / s.mask.sum().clamp(min=1)),
-               "entropy/p10": pct[0], "entropy/p50": pct[1], "entropy/p90": pct[2],
+               "entropy/p10": pct[0], "entropy/p50": pct[1], "entropy/p90": pct[2], "entropy/p99": pct[3],
+               "entropy/frac_above_0.1": float((valid_h > 0.1).float().mean()) if valid_h.numel() else float("nan"),
                "response_len": float(s.mask.sum(1).float().mean()),
-               **{k: v / n_mb for k, v in agg.items()}, "gen_s": t_gen, "step_s": time.time() - t0}
+               **{k: v / n_mb for k, v in agg.items()}, "gen_s": t_gen, "update_s": time.time() - t_upd}
+        rec["step_s"] = time.time() - t0
         if step % cfg.eval_every == 0 or step == cfg.steps:
+            t = time.time()
             last_eval = do_eval(step)
             rec.update(last_eval)
+            rec["eval_s"] = time.time() - t
+        if ckpt_s:  # the checkpoint written after the previous record
+            rec["ckpt_s"], ckpt_s = ckpt_s, 0.0
         rec["wall_s"] = wall()
-        write(rec)
+        write(rec)  # before the checkpoint: a kill in between re-runs this step, it never loses its record
         if (cfg.checkpoint_every and step % cfg.checkpoint_every == 0) or step == cfg.steps:
-            save(step)
+            ckpt_s = save(step)
         if bar is not None:
-            bar.update(1)
-            bar.set_postfix(H=f"{rec['entropy']:.3f}", R=f"{rec['reward']:.2f}")
+            bar.update(step, H=f"{rec['entropy']:.3f}", R=f"{rec['reward']:.2f}")
     if bar is not None:
         bar.close()
-    f.close()
     if start >= cfg.steps and not ckpt_path.exists():
         save(start)
-    return {**last_eval, "wall_s": wall(), "steps": cfg.steps}
+    return {**last_eval, "wall_s": wall(), "steps": cfg.steps, "resumed_from": start}
 
 
 def _jsonable_config(c) -> dict:

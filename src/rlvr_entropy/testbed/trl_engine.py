@@ -7,7 +7,11 @@ learning rate, no KL (beta = 0), advantages scaled by the group std when ``adv_s
 rows (one per testbed step, plus eval/* keys every ``eval_every`` steps) and the report are the lean loop's.
 
 Deviations from the lean loop: no checkpoint/resume here (TRL's own ``resume_from_checkpoint`` is available through
-the trainer), and TRL samples with ``transformers`` generation (slower on this tiny model).
+the trainer), and TRL samples with ``transformers`` generation (slower on this tiny model): the model is the lean
+loop's warm start converted to ``transformers.Qwen2ForCausalLM`` (:meth:`TinyQwen2.to_hf`, same weights).
+
+Logging: TRL's own per-log printing (raw dicts) is switched off; the run prints the testbed's progress line and
+``report_to`` (``tensorboard``, ``wandb``) goes to TRL's integrations (TensorBoard logs in ``<out>/tb``).
 """
 from __future__ import annotations
 
@@ -27,13 +31,16 @@ from rlvr_entropy.testbed.train import TrainConfig, _jsonable, eval_problems, ev
 
 def train_trl(method_name: str, cfg: TrainConfig, out_dir: str | os.PathLike, method_overrides: dict | None = None,
               progress: bool = True, use_cache: bool = True, threads: int | None = 1,
-              diagnostics_every: int | None = None) -> dict[str, Any]:
+              diagnostics_every: int | None = None, report_to: tuple[str, ...] | list[str] = ()) -> dict[str, Any]:
     """One testbed run through the TRL engine; writes ``metrics.jsonl`` and ``config.json`` in ``out_dir``
     (and ``trl/entropy_change.jsonl`` when ``diagnostics_every`` is set: see ``EntropyGRPOTrainer``)."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     from datasets import Dataset
-    from transformers import TrainerCallback
+    from transformers import PrinterCallback, ProgressCallback, TrainerCallback
     from trl import GRPOConfig
+
+    from rlvr_entropy.testbed.progress import Progress
+    from rlvr_entropy.testbed.train import REPORT_TO
 
     from rlvr_entropy.trl import EntropyGRPOTrainer
 
@@ -48,7 +55,7 @@ def train_trl(method_name: str, cfg: TrainConfig, out_dir: str | os.PathLike, me
         tok = CharTokenizer()
         hf_tok = tok.to_hf()
         t_start = time.time()
-        model = initial_model(cfg, task, tok, progress=progress, use_cache=use_cache)
+        model = initial_model(cfg, task, tok, progress=progress, use_cache=use_cache).to_hf()
         model.generation_config.eos_token_id = tok.eos_id
         model.generation_config.pad_token_id = tok.pad_id
         model.generation_config.bos_token_id = tok.bos_id
@@ -63,15 +70,20 @@ def train_trl(method_name: str, cfg: TrainConfig, out_dir: str | os.PathLike, me
                     for p, c, ids in zip(prompts, completions, completion_ids)]
 
         n = cfg.prompts_per_step * cfg.samples_per_prompt
+        bad = [r for r in report_to if r not in REPORT_TO]
+        if bad:
+            raise ValueError(f"report_to: unknown sink(s) {bad}; available: {', '.join(REPORT_TO)}")
+        if "tensorboard" in report_to:
+            os.environ.setdefault("TENSORBOARD_LOGGING_DIR", str(out / "tb"))
         args = GRPOConfig(
-            output_dir=str(out / "trl"), use_cpu=True, report_to=[], save_strategy="no", logging_steps=1,
+            output_dir=str(out / "trl"), use_cpu=True, report_to=list(report_to), save_strategy="no", logging_steps=1,
             seed=cfg.seed, bf16=False, per_device_train_batch_size=n // cfg.minibatches,
             num_generations=cfg.samples_per_prompt, steps_per_generation=cfg.minibatches,
             gradient_accumulation_steps=1, max_steps=cfg.steps * cfg.minibatches, learning_rate=cfg.lr,
             lr_scheduler_type="constant", warmup_steps=0, weight_decay=cfg.weight_decay,
             max_grad_norm=cfg.grad_clip if cfg.grad_clip > 0 else 1e9, temperature=cfg.temperature, beta=0.0,
             max_completion_length=task.max_response_len, scale_rewards="group" if cfg.adv_std_norm else "none",
-            num_iterations=cfg.epochs, disable_tqdm=not progress, shuffle_dataset=False,
+            num_iterations=cfg.epochs, disable_tqdm=True, shuffle_dataset=False,
         )
         trainer = EntropyGRPOTrainer(model=model, reward_funcs=reward, args=args, train_dataset=data,
                                      processing_class=hf_tok, method=method_name, method_config=method_overrides,
@@ -116,10 +128,20 @@ def train_trl(method_name: str, cfg: TrainConfig, out_dir: str | os.PathLike, me
                     rec["wall_s"] = time.time() - t_loop
                     write(rec)
                     state.update(acc={}, cnt={}, t0=time.time())
+                    if state["bar"] is not None:
+                        state["bar"].update(step)
 
+        bar = Progress(cfg.steps, f"{method_name} seed {cfg.seed} (trl)") if progress else None
+        state["bar"] = bar
+        trainer.remove_callback(PrinterCallback)  # raw log dicts on stdout
+        trainer.remove_callback(ProgressCallback)
         trainer.add_callback(_Log())
-        trainer.train()
-        f.close()
+        try:
+            trainer.train()
+        finally:
+            f.close()
+            if bar is not None:
+                bar.close()
         return {**state["last_eval"], "wall_s": time.time() - t_loop, "steps": cfg.steps}
     finally:
         torch.set_num_threads(old_threads)

@@ -28,3 +28,18 @@ def test_plots_write_pngs(tmp_path):
         data = f.read_bytes()
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 1000
     assert P.load_probe_records(tmp_path / "missing.jsonl") == []
+
+
+def test_percentiles_by_method_name_each_panel_and_use_a_log_scale(tmp_path, monkeypatch):
+    seen = []
+    real = P._save
+
+    def spy(plt, fig, out):
+        seen.extend((ax.get_title(), ax.get_yscale()) for ax in fig.axes if ax.axison)
+        return real(plt, fig, out)
+
+    monkeypatch.setattr(P, "_save", spy)
+    rows = [{"step": i, "entropy/p50": 0.0, "entropy/p90": 0.5 / (i + 1), "entropy/p99": 1.0, "entropy": 0.2}
+            for i in range(1, 6)]
+    P.entropy_percentiles_by_method({"grpo": rows, "siren": rows, "steer": rows}, tmp_path / "p.png")
+    assert seen == [("grpo", "log"), ("siren", "log"), ("steer", "log")]

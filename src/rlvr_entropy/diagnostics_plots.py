@@ -89,17 +89,52 @@ def quadrant_bars(records: list[dict[str, Any]], out: str | Path) -> Path:
     return _save(plt, fig, out)
 
 
+_PCT_KEYS = ("entropy/p50", "entropy/p90", "entropy/p99", "entropy")
+_PCT_FLOOR = 1e-4  # log-scale floor: values below (deterministic tokens) are drawn at the floor
+
+
+def _percentile_axes(ax, rows: list[dict[str, Any]], keys: tuple[str, ...], log: bool) -> None:
+    for k in keys:
+        pts = [(r["step"], r[k]) for r in rows if isinstance(r.get(k), (int, float)) and math.isfinite(r[k])]
+        if pts:
+            ys = [max(p[1], _PCT_FLOOR) if log else p[1] for p in pts]
+            label = "mean" if k in ("entropy", "entropy/mean") else k.split("/")[-1]
+            ax.plot([p[0] for p in pts], ys, label=label)
+    if log:
+        ax.set_yscale("log")
+    ax.set_xlabel("RL step")
+    ax.set_ylabel("token entropy (nats" + (", log)" if log else ")"))
+    ax.legend(fontsize=8)
+
+
 def entropy_percentiles(rows: Iterable[dict[str, Any]], out: str | Path,
-                        keys: tuple[str, ...] = ("entropy/p10", "entropy/p50", "entropy/p90", "entropy/mean")) -> Path:
-    """Entropy percentiles over steps from per-step metric rows."""
+                        keys: tuple[str, ...] = ("entropy/p10", "entropy/p50", "entropy/p90", "entropy/mean"),
+                        title: str | None = None, log: bool = False) -> Path:
+    """Entropy percentiles over steps from per-step metric rows (``title``: e.g. the method's name; ``log``: a log
+    y axis, useful because most tokens of a trained policy have entropy ~0)."""
     plt = _plt()
     rows = [r for r in rows if "step" in r]
     fig, ax = plt.subplots(figsize=(6, 3.5))
-    for k in keys:
-        pts = [(r["step"], r[k]) for r in rows if k in r]
-        if pts:
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], label=k.split("/")[-1])
-    ax.set_xlabel("step")
-    ax.set_ylabel("token entropy (nats)")
-    ax.legend()
+    _percentile_axes(ax, rows, keys, log)
+    if title:
+        ax.set_title(title)
+    return _save(plt, fig, out)
+
+
+def entropy_percentiles_by_method(rows_by_method: dict[str, list[dict[str, Any]]], out: str | Path,
+                                  keys: tuple[str, ...] = _PCT_KEYS, log: bool = True) -> Path:
+    """One panel per method (titled with its name) of rollout-token entropy percentiles and mean over steps, on a
+    shared log y axis."""
+    plt = _plt()
+    n = max(len(rows_by_method), 1)
+    cols = min(n, 2)
+    nrows = (n + cols - 1) // cols
+    fig, axes = plt.subplots(nrows, cols, figsize=(6 * cols, 3.4 * nrows), squeeze=False, sharey=True)
+    for i, (ax, (name, rows)) in enumerate(zip(axes.flat, rows_by_method.items())):
+        _percentile_axes(ax, [r for r in rows if "step" in r], keys, log)
+        ax.set_title(name)
+        if i % cols:
+            ax.set_ylabel("")
+    for ax in list(axes.flat)[n:]:
+        ax.axis("off")
     return _save(plt, fig, out)

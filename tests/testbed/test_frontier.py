@@ -57,3 +57,11 @@ def test_temperature_sweep_rejects_bad_input(tiny_run, tmp_path):
         frontier.temperature_sweep(tiny_run, [1.0, 0.0])
     with pytest.raises(ValueError, match="ckpt.pt"):
         frontier.temperature_sweep(tmp_path / "nowhere", [1.0])
+
+
+def test_frontier_at_the_training_temperature_is_the_final_evaluation(tiny_run):
+    final = [json.loads(x) for x in (tiny_run / "metrics.jsonl").read_text().splitlines()][-1]
+    recs = frontier.temperature_sweep(tiny_run, [1.0, 0.5])
+    assert recs[0]["source"] == "final evaluation" and recs[1]["source"] == "sampled"
+    for key in ("eval/pass@1", "eval/pass@k", "eval/entropy", "eval/maj@k"):
+        assert recs[0][key] == final[key]

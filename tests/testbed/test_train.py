@@ -150,3 +150,48 @@ def test_default_warm_starts_are_shipped_and_load(task_name, tmp_path, monkeypat
     model = T.initial_model(cfg, task, tok)
     state = torch.load(shipped, map_location="cpu", weights_only=True)
     assert all(torch.equal(state[k], v) for k, v in model.state_dict().items())
+
+
+def test_default_checkpoints_are_frequent():
+    assert 1 <= TrainConfig().checkpoint_every <= 5
+
+
+def test_killed_subprocess_resumes_with_the_same_metrics(tmp_path):
+    """A run killed (SIGKILL) mid-way by the OS loses at most checkpoint_every steps, says where it resumes from,
+    and ends with the metrics of an uninterrupted run."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    env = {**os.environ, "RLVR_ENTROPY_CACHE": str(tmp_path / "cache")}
+    over = [f"{k}={v}" for k, v in TINY.items() if k != "checkpoint_every"] + ["eval_every=4"]
+    straight, killed = tmp_path / "straight", tmp_path / "killed"
+
+    def cmd(out):
+        return [sys.executable, "-m", "rlvr_entropy", "run", "--method", "thermostat", "--steps", "14", "--out",
+                str(out), "--no-plots", *over]
+
+    assert subprocess.run(cmd(straight), env=env, capture_output=True, text=True).returncode == 0
+    proc = subprocess.Popen(cmd(killed), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    metrics = killed / "metrics.jsonl"
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:  # wait for step 7 (checkpoint at 5)
+        if metrics.exists() and len(metrics.read_text().splitlines()) >= 8:
+            break
+        time.sleep(0.05)
+    assert proc.poll() is None, "the run ended before it could be killed"
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    done = [json.loads(x)["step"] for x in metrics.read_text().splitlines() if x.strip()]
+    ck = torch.load(killed / "ckpt.pt", weights_only=False)
+    assert ck["step"] % 5 == 0 and 0 < max(done) - ck["step"] <= 5
+    r = subprocess.run(cmd(killed), env=env, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert f"resuming {killed} from step {ck['step']}" in r.stderr
+    ra, rb = _rows(straight), _rows(killed)
+    assert [x["step"] for x in rb] == list(range(15))
+    for x, y in zip(ra, rb):  # everything but timings
+        assert {k: v for k, v in x.items() if not k.endswith("_s")} == pytest.approx(
+            {k: v for k, v in y.items() if not k.endswith("_s")}, nan_ok=True)

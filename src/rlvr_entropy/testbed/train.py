@@ -42,6 +42,7 @@ from rlvr_entropy.testbed.model import ModelConfig, Samples, TinyQwen2, build_mo
 from rlvr_entropy.testbed.tasks import Problem, Task, final_answer, get_task
 from rlvr_entropy.testbed.optim import AdamW
 from rlvr_entropy.testbed.progress import Progress
+from rlvr_entropy.testbed.provenance import provenance
 from rlvr_entropy.testbed.tokenizer import CharTokenizer
 
 WARM_START_VERSION = 1  # bump when the warm-start recipe changes (part of the cache key)
@@ -487,7 +488,7 @@ def train(method_name: str, cfg: TrainConfig, out_dir: str | os.PathLike, method
     Returns the last evaluation's metrics plus ``wall_s``, ``steps`` and ``resumed_from`` (0: a fresh start).
 
     ``resume``: continue from ``out_dir/ckpt.pt`` when there is one (a checkpoint of another method or
-    configuration raises ``ValueError``); False starts over. One line says which happened (``log``, default: print
+    configuration raises ``ValueError``; ``"if_same"`` starts over instead); False starts over. One line says which happened (``log``, default: print
     to stderr). ``report_to``: also send every step's scalars to ``"tensorboard"`` and/or ``"wandb"``.
 
     ``threads``: torch intra-op threads during the run (None: leave torch's setting). The default 1 is deliberate:
@@ -546,6 +547,10 @@ def _train(method_name, cfg, out_dir, method_overrides, resume, progress, use_ca
         except Exception as e:  # noqa: BLE001 - a checkpoint from a killed older version, a full disk, ...
             raise ValueError(f"{ckpt_path} cannot be read ({type(e).__name__}: {e}); delete it or start over "
                              "(--no-resume / resume=False)") from None
+        if ck["method"] != method_name and resume == "if_same":
+            log(f"{out} holds a checkpoint of method {ck['method']!r}: starting over from step 0")
+            return _train(method_name, cfg, out_dir, method_overrides, False, progress, use_cache, report_to, log,
+                          closers)
         if ck["method"] != method_name:
             raise ValueError(f"{out} holds a checkpoint of method {ck['method']!r}, not {method_name!r}; "
                              "use another --out or delete it")
@@ -553,6 +558,11 @@ def _train(method_name, cfg, out_dir, method_overrides, resume, progress, use_ca
         theirs = {k: v for k, v in ck.get("config", {}).items() if k not in _RESUME_FREE}
         if mine != theirs or ck.get("method_overrides", method_overrides) != method_overrides:
             diff = sorted(k for k in set(mine) | set(theirs) if mine.get(k) != theirs.get(k))
+            if resume == "if_same":
+                log(f"{out} holds a checkpoint of a different configuration (differs in "
+                    f"{diff or ['method overrides']}): starting over from step 0")
+                return _train(method_name, cfg, out_dir, method_overrides, False, progress, use_cache, report_to,
+                              log, closers)
             raise ValueError(f"{out} holds a checkpoint of a different configuration (differs in "
                              f"{diff or ['method overrides']}); resume with the same settings, or start over "
                              "(--no-resume / resume=False) or use another output directory")
@@ -593,7 +603,8 @@ def _train(method_name, cfg, out_dir, method_overrides, resume, progress, use_ca
     (out / "config.json").write_text(json.dumps({"method": method_name, "method_overrides": method_overrides,
                                                  "method_config": _jsonable_config(method.config),
                                                  "train": asdict(cfg), "engine": "lean",
-                                                 "report_to": list(report_to)}, indent=2))
+                                                 "report_to": list(report_to),
+                                                 "provenance": provenance(torch.get_num_threads())}, indent=2))
     reporters = _Reporters(report_to, out, f"{method_name}-s{cfg.seed}",
                            {"method": method_name, **method_overrides, **asdict(cfg)})
     closers.append(reporters.close)

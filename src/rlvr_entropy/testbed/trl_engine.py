@@ -40,6 +40,7 @@ def train_trl(method_name: str, cfg: TrainConfig, out_dir: str | os.PathLike, me
     from trl import GRPOConfig
 
     from rlvr_entropy.testbed.progress import Progress
+    from rlvr_entropy.testbed.provenance import provenance
     from rlvr_entropy.testbed.train import REPORT_TO
 
     from rlvr_entropy.trl import EntropyGRPOTrainer
@@ -89,7 +90,9 @@ def train_trl(method_name: str, cfg: TrainConfig, out_dir: str | os.PathLike, me
                                      processing_class=hf_tok, method=method_name, method_config=method_overrides,
                                      diagnostics_every=diagnostics_every)
         (out / "config.json").write_text(json.dumps({"method": method_name, "method_overrides": method_overrides,
-                                                     "train": asdict(cfg), "engine": "trl"}, indent=2))
+                                                     "train": asdict(cfg), "engine": "trl",
+                                                     "report_to": list(report_to),
+                                                     "provenance": provenance(torch.get_num_threads())}, indent=2))
         f = (out / "metrics.jsonl").open("w")
         t_loop = time.time()
         state: dict[str, Any] = {"last_eval": {}, "acc": {}, "cnt": {}, "t0": time.time()}

@@ -307,14 +307,35 @@ def sample(model, prompts: torch.Tensor, max_new_tokens: int, eos_id: int, pad_i
         k_cache.append(kc.view(N * H, L, hd))
         v_cache.append(vc.view(N * H, L, hd))
     logits = model.lm_head(model.model.norm(x[:, -1]))[inv]  # [N, V]
-    # decode weights fused once per call: q|k|v and gate|up in one matmul each
-    fused = [(torch.cat([lay.self_attn.q_proj.weight, lay.self_attn.k_proj.weight, lay.self_attn.v_proj.weight]),
-              torch.cat([lay.self_attn.q_proj.bias, lay.self_attn.k_proj.bias, lay.self_attn.v_proj.bias]),
-              torch.cat([lay.mlp.gate_proj.weight, lay.mlp.up_proj.weight])) for lay in model.model.layers]
+    # Decode weights folded once per call: each RMSNorm's weight into the matmul after it, and for each decode
+    # position the rotary rotation (and q's 1/sqrt(hd)) into the q|k rows, so a layer's step is one q|k|v matmul,
+    # attention, o_proj, one gate|up matmul and down_proj (the same function, up to float rounding).
+    n_dec = max(max_new_tokens - 1, 1)
+    positions = torch.arange(P, P + n_dec)
+    cos = model.rope_cos[positions].repeat(1, H)[:, :, None]  # [n_dec, D, 1]: per output row of q or k
+    sin = model.rope_sin[positions].repeat(1, H)[:, :, None]
+    half = hd // 2
+    scale = 1.0 / math.sqrt(hd)
+
+    def rotated(w: torch.Tensor) -> torch.Tensor:  # w [D, ...] -> [n_dec, D, ...]: rows rotated as rope does
+        r = w.view(H, hd, *w.shape[1:])
+        r = torch.cat([-r[:, half:], r[:, :half]], 1).reshape(w.shape)
+        c, s_ = (cos, sin) if w.dim() == 2 else (cos[..., 0], sin[..., 0])
+        return w[None] * c + r[None] * s_
+
+    fused = []
+    for lay in model.model.layers:
+        a, m = lay.self_attn, lay.mlp
+        n1, n2 = lay.input_layernorm.weight, lay.post_attention_layernorm.weight
+        w_qkv = torch.cat([rotated(a.q_proj.weight * n1) * scale, rotated(a.k_proj.weight * n1),
+                           (a.v_proj.weight * n1)[None].expand(n_dec, D, D)], 1)  # [n_dec, 3D, D]
+        b_qkv = torch.cat([rotated(a.q_proj.bias) * scale, rotated(a.k_proj.bias),
+                           a.v_proj.bias[None].expand(n_dec, D)], 1)  # [n_dec, 3D]
+        w_gu = torch.cat([m.gate_proj.weight, m.up_proj.weight]) * n2  # [2M, D]
+        fused.append((w_qkv, b_qkv, w_gu, a.o_proj.weight, m.down_proj.weight))
+    w_head = model.lm_head.weight * model.model.norm.weight  # [V, D]
     ahead = torch.full((L,), float("-inf"))  # additive mask over cache positions, opened one per step
     ahead[:P] = 0.0
-    scale = 1.0 / math.sqrt(hd)
-    half = hd // 2
     toks, lps, ents = [], [], []
     done = torch.zeros(N, dtype=torch.bool)
     for t in range(max_new_tokens):
@@ -328,20 +349,16 @@ def sample(model, prompts: torch.Tensor, max_new_tokens: int, eos_id: int, pad_i
         pos = P + t
         ahead[pos] = 0.0
         bias = ahead.view(1, 1, L)
-        cos, sin = model.rope_cos[pos], model.rope_sin[pos]  # [hd]
         x = model.model.embed_tokens(nxt)  # [N, D]
-        for lay, kc, vc, (w_qkv, b_qkv, w_gu) in zip(model.model.layers, k_cache, v_cache, fused):
-            qkv = F.linear(lay.input_layernorm(x), w_qkv, b_qkv).view(N, 3, H, hd)
-            qk = qkv[:, :2]  # [N, 2, H, hd]: rotary on q and k together
-            qk = qk * cos + torch.cat([-qk[..., half:], qk[..., :half]], -1) * sin
-            kc[:, pos] = qk[:, 1].reshape(N * H, hd)
-            vc[:, pos] = qkv[:, 2].reshape(N * H, hd)
-            q = qk[:, 0].reshape(N * H, 1, hd) * scale
-            att = torch.softmax(torch.baddbmm(bias, q, kc.transpose(1, 2)), -1)  # [N*H, 1, L]
-            x = x + lay.self_attn.o_proj(torch.bmm(att, vc).view(N, D))
-            g, u = F.linear(lay.post_attention_layernorm(x), w_gu).chunk(2, -1)
-            x = x + lay.mlp.down_proj(F.silu(g) * u)
-        logits = model.lm_head(model.model.norm(x))  # [N, V]
+        for kc, vc, (w_qkv, b_qkv, w_gu, w_o, w_down) in zip(k_cache, v_cache, fused):
+            qkv = torch.addmm(b_qkv[t], F.rms_norm(x, (D,), None, RMS_EPS), w_qkv[t].t())  # [N, 3D]
+            kc[:, pos] = qkv[:, D:2 * D].reshape(N * H, hd)
+            vc[:, pos] = qkv[:, 2 * D:].reshape(N * H, hd)
+            att = torch.softmax(torch.baddbmm(bias, qkv[:, :D].reshape(N * H, 1, hd), kc.transpose(1, 2)), -1)
+            x = x + torch.mm(torch.bmm(att, vc).view(N, D), w_o.t())  # att [N*H, 1, L]
+            g, u = torch.mm(F.rms_norm(x, (D,), None, RMS_EPS), w_gu.t()).chunk(2, -1)
+            x = x + torch.mm(F.silu(g) * u, w_down.t())
+        logits = torch.mm(F.rms_norm(x, (D,), None, RMS_EPS), w_head.t())  # [N, V]
     return _finish(toks, lps, ents, eos_id)
 
 

@@ -49,6 +49,10 @@ def test_marker_with_nothing_is_skipped():
     ("\\boxed{1} then \\boxed{\\sqrt{x^{2}}}", "\\sqrt{x^{2}}"),        # the last boxed
     ("\\boxed{\\$1,000}", "1000"),
     ("so \\boxed{18 \\text{ dollars}}", "18"),
+    ("\\boxed{7} then the template's \\boxed{}", "7"),                 # empty boxes are skipped
+    ("\\boxed{3} and a truncated \\boxed{\\frac{1}{2", "3"),           # so are unbalanced ones
+    ("so x \\boxed 5.", "5"),
+    ("The final answer is within \\boxed{}.", "within"),               # the marker's words, graded wrong
     ("Answer: 12\nmore 99\nAnswer: 17\nCheck: 3 + 4 = 7", "17"),        # 2. last marker beats later numbers
     ("#### 1,234", "1234"),                                            # GSM8K marker
     ("The answer is 18.", "18"),

@@ -50,24 +50,27 @@ _PROSE_TOKEN = re.compile(r"[A-Za-z]{2,}")
 
 
 def _last_boxed(text: str) -> str | None:
-    i = max(text.rfind("\\boxed{"), text.rfind("\\fbox{"))
-    if i < 0:
-        i = text.rfind("\\boxed ")  # \boxed 5
-        if i < 0:
-            return None
-        m = re.match(r"\\boxed\s+([^\s$]+)", text[i:])
-        return m.group(1) if m else None
-    j = text.index("{", i)
-    depth = 0
-    for pos in range(j, len(text)):
-        ch = text[pos]
-        if ch == "{":
-            depth += 1
-        elif ch == "}":
-            depth -= 1
-            if depth == 0:
-                return text[j + 1:pos].strip()
-    return None  # unbalanced (a truncated response)
+    """Content of the last non-empty, balanced ``\\boxed{...}`` / ``\\fbox{...}`` (or ``\\boxed 5``)."""
+    for m in reversed(list(re.finditer(r"\\(?:boxed|fbox)\s*(\{|\s+)", text))):
+        if m.group(1).strip() != "{":  # \boxed 5
+            tok = re.match(r"[^\s$]+", text[m.end():])
+            if tok:
+                return tok.group(0)
+            continue
+        depth = 0
+        for pos in range(m.end() - 1, len(text)):
+            ch = text[pos]
+            if ch == "{":
+                depth += 1
+            elif ch == "}":
+                depth -= 1
+                if depth == 0:
+                    inner = text[m.end():pos].strip()
+                    if inner:
+                        return inner
+                    break
+        # unbalanced (a truncated response) or empty (the template's \boxed{}): the one before
+    return None
 
 
 def _prose_words(s: str) -> list[str]:
@@ -159,7 +162,7 @@ def clean_answer(s: str | None) -> str | None:
     """Normalize an extracted answer (see the module docstring): None when nothing is left."""
     if s is None:
         return None
-    s = _strip_decorations(s)
+    s = _strip_decorations(re.sub(r"\\(?:boxed|fbox)\{\s*\}", " ", s))  # an empty \boxed{} is the template
     # A math span inside prose ("the total is $\frac{3}{4}$ cups"): the last span.
     spans = math_spans(s)
     if spans and _prose_words(s[:spans[-1][0]] + " " + s[spans[-1][1]:]):

@@ -5,8 +5,9 @@
 1. the last ``\\boxed{...}`` / ``\\fbox{...}`` (nested braces handled);
 2. the last answer marker: ``Answer:``, ``Final Answer:``, ``the (final) answer is``, GSM8K's ``####``.
    Repeated markers collapse ("Answer: Answer: 42" -> 42; the echoed template placeholder ``$Answer`` counts as a
-   marker); a marker with nothing after it on its line takes the next non-empty line; a marker with nothing at all
-   is skipped (the one before it is tried, then rule 3);
+   marker); a marker with nothing after it on its line takes the next non-empty line; a marker with nothing at all,
+   or with only a sentence (prose of more than three words and no number or math), is skipped (the one before it
+   is tried, then rule 3);
 3. the last candidate in the text, by position: the last inline math span (``$...$``, ``$$...$$``, ``\\(...\\)``,
    ``\\[...\\]``) or the last number outside math spans, whichever ends later.
 
@@ -17,8 +18,9 @@ pays 20" has no math span and its answer is 20.
 Every extracted answer is then cleaned (``clean_answer``): markdown emphasis, surrounding math delimiters,
 currency signs and trailing punctuation are dropped, ``\\text{...}`` is unwrapped, valid thousands separators are
 removed (1,000 -> 1000; "3,4" is left alone), an answer in prose keeps its number ("20 dollars" -> 20, "Janet makes
-18 dollars every day" -> 18; after the last "=" when there is one), and a pure arithmetic chain keeps its result
-("3 * 6 = 18" -> 18; "x = 5" is kept as an equation).
+18 dollars every day" -> 18; the first number after the last "=", "which is", "equals" or "that is" when there is
+one: "2 times 5, which is 10" -> 10), a pure arithmetic chain keeps its result ("3 * 6 = 18" -> 18; "x = 5" is
+kept as an equation), and closing braces that close nothing are dropped.
 
 ``math_equal`` cleans both sides the same way, compares normalized strings, then exact decimals (18.00 = 18),
 percent-insensitively (25% = 25), then through math-verify (LaTeX, fractions, sets, intervals, equations).
@@ -35,9 +37,10 @@ _NUM = re.compile(r"(?<![\w.])-?" + _NUM_BODY + r"|(?<![\w.])-?\.\d+")
 _NUM_IN_PROSE = re.compile(r"(?<![\w.\\])-?" + _NUM_BODY + r"(?:\s*/\s*\d+(?![\d,]))?%?|(?<![\w.])-?\.\d+%?")
 _FULL_NUM = re.compile(r"-?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?|-?\.\d+")
 
-_MARKER = re.compile(
-    r"(?:\bfinal\s+answer\b(?:\s+is\b)?\s*[:：]?|\banswer\s*(?:is\b\s*)?[:：]|\banswer\s+is\b|^[ \t]*####)",
-    re.IGNORECASE | re.MULTILINE)
+_MARKER = re.compile(r"(?:\banswer\s*(?:is\b\s*)?[:：]|\banswer\s+is\b|^[ \t]*####)", re.IGNORECASE | re.MULTILINE)
+# In a prose answer the number comes after the last of these ("2 times 5, which is 10" -> 10).
+_RESULT_WORDS = re.compile(r"=|\bwhich\s+is\b|\bequals\b|\bthat\s+is\b", re.IGNORECASE)
+_MAX_WORD_ANSWER = 3  # a prose answer without a number or math: at most this many words ("Evelyn", "Monday")
 # A leading marker (or the echoed template placeholder) inside an answer: dropped, repeatedly.
 _LEADING_MARKER = re.compile(
     r"^\s*(?:\*\*|__)?\s*(?:\$?answer\b|(?:the\s+)?(?:final\s+)?answer\s+is\b|final\s+answer\b|####)"
@@ -158,6 +161,14 @@ def _arithmetic_result(s: str) -> str:
     return s
 
 
+def _balance_braces(s: str) -> str:
+    """Drop trailing backslashes and closing braces that close nothing ("40}\\" from a marker inside \\text{})."""
+    s = s.rstrip("\\ ")
+    while s.endswith("}") and s.count("}") > s.count("{"):
+        s = s[:-1].rstrip("\\ ")
+    return s
+
+
 def clean_answer(s: str | None) -> str | None:
     """Normalize an extracted answer (see the module docstring): None when nothing is left."""
     if s is None:
@@ -172,11 +183,15 @@ def clean_answer(s: str | None) -> str | None:
     s = re.sub(r"\\(?:,|!|;|:|quad|qquad)|~", " ", s)
     s = re.sub(r"\s+", " ", s).strip()
     s = re.sub(r"[\s.,;:!]+$", "", s)
+    s = re.sub(r"[\s.,;:!]+$", "", _balance_braces(s))
     if _prose_words(s):
-        tail = s.rsplit("=", 1)[1] if "=" in s else s
+        cuts = list(_RESULT_WORDS.finditer(s))
+        tail = s[cuts[-1].end():] if cuts else s
         m = _NUM_IN_PROSE.search(tail) or _NUM_IN_PROSE.search(s)
         if m:
             s = m.group(0)
+        elif len(s.split()) > _MAX_WORD_ANSWER:
+            return None  # a sentence, not an answer
     s = _arithmetic_result(s)
     s = re.sub(r"\s*/\s*", "/", s) if re.fullmatch(r"-?\d+\s*/\s*\d+", s) else s
     if _FULL_NUM.fullmatch(s):

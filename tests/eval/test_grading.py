@@ -37,6 +37,15 @@ def test_repeated_markers_collapse(text):
     assert extract_answer(text) == "42"
 
 
+def test_echoed_template_is_no_answer():
+    text = ("The answer to the math problem is: 40 + 25 = 65\n\n"
+            "The last line of your response is: Answer:  Answer (without quotes)")
+    assert extract_answer(text) == "65"
+    echo = "Answer: $Answer (without quotes) where $Answer is the answer to the problem."
+    assert extract_answer(echo + "\n\nSo 5.") == "5"
+    assert extract_answer("Answer: 7 (without quotes)") == "7"
+
+
 def test_marker_with_nothing_is_skipped():
     assert extract_answer("Answer: 12\n... Answer: Answer:") == "12"
     assert extract_answer("so 6 + 6 = 12.\nAnswer: $Answer") == "12"  # echoed template placeholder

@@ -4,10 +4,10 @@
 
 1. the last ``\\boxed{...}`` / ``\\fbox{...}`` (nested braces handled);
 2. the last answer marker: ``Answer:``, ``Final Answer:``, ``the (final) answer is``, GSM8K's ``####``.
-   Repeated markers collapse ("Answer: Answer: 42" -> 42; the echoed template placeholder ``$Answer`` counts as a
-   marker); a marker with nothing after it on its line takes the next non-empty line; a marker with nothing at all,
-   or with only a sentence (prose of more than three words and no number or math), is skipped (the one before it
-   is tried, then rule 3);
+   Repeated markers collapse ("Answer: Answer: 42" -> 42; the echoed template, ``$Answer (without quotes) where
+   $Answer is the answer ...``, counts as a marker); a marker with nothing after it on its line takes the next
+   non-empty line; a marker with nothing at all, or with only a sentence (prose of more than three words and no
+   number or math), is skipped (the one before it is tried, then rule 3);
 3. the last candidate in the text, by position: the last inline math span (``$...$``, ``$$...$$``, ``\\(...\\)``,
    ``\\[...\\]``) or the last number outside math spans, whichever ends later.
 
@@ -40,6 +40,8 @@ _FULL_NUM = re.compile(r"-?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?|-?\.\d+")
 _MARKER = re.compile(r"(?:\banswer\s*(?:is\b\s*)?[:：]|\banswer\s+is\b|^[ \t]*####)", re.IGNORECASE | re.MULTILINE)
 # In a prose answer the number comes after the last of these ("2 times 5, which is 10" -> 10).
 _RESULT_WORDS = re.compile(r"=|\bwhich\s+is\b|\bequals\b|\bthat\s+is\b", re.IGNORECASE)
+# The DAPO/GSM8K instruction echoed back: 'Answer: $Answer (without quotes) where $Answer is the answer ...'.
+_TEMPLATE_ECHO = re.compile(r"\(\s*without\s+quotes\s*\)|\bwhere\s+\$?Answer\s+is\s+the\s+answer\b.*", re.IGNORECASE)
 _MAX_WORD_ANSWER = 3  # a prose answer without a number or math: at most this many words ("Evelyn", "Monday")
 # A leading marker (or the echoed template placeholder) inside an answer: dropped, repeatedly.
 _LEADING_MARKER = re.compile(
@@ -173,7 +175,8 @@ def clean_answer(s: str | None) -> str | None:
     """Normalize an extracted answer (see the module docstring): None when nothing is left."""
     if s is None:
         return None
-    s = _strip_decorations(re.sub(r"\\(?:boxed|fbox)\{\s*\}", " ", s))  # an empty \boxed{} is the template
+    s = re.sub(r"\\(?:boxed|fbox)\{\s*\}", " ", s)  # an empty \boxed{} is the template's
+    s = _strip_decorations(_TEMPLATE_ECHO.sub(" ", s))
     # A math span inside prose ("the total is $\frac{3}{4}$ cups"): the last span.
     spans = math_spans(s)
     if spans and _prose_words(s[:spans[-1][0]] + " " + s[spans[-1][1]:]):

@@ -32,18 +32,26 @@ def test_forward_and_shared_prompt_logits_equal_hf(pair):
     x = torch.randint(0, 22, (5, 20), generator=g)
     assert torch.allclose(lean(x), hf(input_ids=x).logits, atol=1e-5)
     prompts = torch.randint(3, 22, (3, 7), generator=g)[torch.tensor([0, 0, 2, 1, 2, 2])]  # shared, unordered
-    tokens = torch.randint(0, 22, (6, 9), generator=g)
+    tokens = torch.randint(3, 22, (6, 9), generator=g)  # no EOS: every position computed
     ref = M.response_logits(hf, prompts, tokens, temperature=0.7)
     got = M.response_logits(lean, prompts, tokens, temperature=0.7)
     assert got.shape == (6, 9, 22) and torch.allclose(got, ref, atol=1e-5)
+    # responses of different lengths (EOS, then padding): the valid positions as transformers computes them
+    tokens[0, 3:], tokens[2, 6:], tokens[4, 0] = torch.tensor([1, 0, 0, 0, 0, 0]), torch.tensor([1, 0, 0]), 1
+    valid = torch.cumsum((tokens == 1).long(), 1) - (tokens == 1).long() == 0
+    ref = M.response_logits(hf, prompts, tokens)
+    got = M.response_logits(lean, prompts, tokens)
+    assert torch.allclose(got[valid], ref[valid], atol=1e-5) and torch.equal(got[~valid], torch.zeros_like(got[~valid]))
 
 
 def test_shared_prompt_gradients_equal_hf(pair):
     hf, lean = pair
     g = torch.Generator().manual_seed(1)
     prompts = torch.randint(3, 22, (2, 6), generator=g).repeat_interleave(3, 0)
-    tokens = torch.randint(0, 22, (6, 8), generator=g)
-    w = torch.randn(6, 8, 22, generator=g)
+    tokens = torch.randint(3, 22, (6, 8), generator=g)
+    tokens[1, 4:] = torch.tensor([1, 0, 0, 0])  # one shorter response
+    valid = torch.cumsum((tokens == 1).long(), 1) - (tokens == 1).long() == 0
+    w = torch.randn(6, 8, 22, generator=g) * valid[..., None]  # a loss on valid positions, as the methods
     for m in (hf, lean):
         m.zero_grad()
         (M.response_logits(m, prompts, tokens) * w).sum().backward()

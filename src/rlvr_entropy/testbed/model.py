@@ -171,44 +171,63 @@ class TinyQwen2(nn.Module):
             x = x + lay.mlp(lay.post_attention_layernorm(x))
         return self.lm_head(self.model.norm(x))
 
-    def response_logits(self, prompts: torch.Tensor, row_prompt: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    def response_logits(self, prompts: torch.Tensor, row_prompt: torch.Tensor, tokens: torch.Tensor,
+                        valid: torch.Tensor | None = None) -> torch.Tensor:
         """Logits [b, T, V] predicting each token of ``tokens`` [b, T] (responses, right padding) after its prompt
         ``prompts[row_prompt[i]]`` (``prompts`` [U, P]: each distinct prompt once; ``row_prompt`` [b]).
 
-        Equal to ``forward(cat(prompts[row_prompt], tokens)[:, :-1])[:, P - 1:]``, but each prompt is computed once:
-        the response rows attend to their prompt's keys and values (gathered by ``row_prompt``; gradients flow back
-        into the shared prompt pass)."""
+        Equal to ``forward(cat(prompts[row_prompt], tokens)[:, :-1])[:, P - 1:]`` at the ``valid`` positions (bool
+        [b, T]; default: up to and including each row's first EOS, everything in a row without one) and 0 elsewhere
+        (padding), computed with two savings: each prompt once (the response rows attend to their prompt's keys
+        and values, gathered by ``row_prompt``; gradients flow back into the shared prompt pass), and only the
+        response tokens that some valid position needs as input (packed into one [tokens, D] matrix with the
+        prompts' for every per-token layer; the attention alone sees the padded [b, T] layout)."""
         U, P = prompts.shape
         b, T = tokens.shape
         Ti = T - 1  # response positions fed as input (the last token is only predicted)
-        D = self.cfg.width
-        xp = self.model.embed_tokens(prompts)  # [U, P, D]
-        xr = self.model.embed_tokens(tokens[:, :Ti])  # [b, Ti, D]
+        D, H, hd = self.cfg.width, self.heads, self.head_dim
+        if valid is None:
+            is_eos = (tokens == self.eos_id).long()
+            valid = torch.cumsum(is_eos, 1) - is_eos == 0  # [b, T]
+        keep = valid[:, 1:].reshape(-1).nonzero().squeeze(1)  # [n]: response inputs j whose next position is valid
+        n, n_p = keep.numel(), U * P
+        positions = torch.cat([torch.arange(P).repeat(U), P + keep % Ti])  # [n_p + n]
+        cos, sin = self.rope_cos[positions][:, None], self.rope_sin[positions][:, None]  # [n_p + n, 1, hd]
+        half = hd // 2
+        x = self.model.embed_tokens(torch.cat([prompts.reshape(-1), tokens[:, :Ti].reshape(-1)[keep]]))  # [Mt, D]
+        Mt = x.shape[0]
+
+        def rope(t: torch.Tensor) -> torch.Tensor:  # [Mt, D] -> [Mt, H, hd]
+            t = t.view(Mt, H, hd)
+            return t * cos + torch.cat([-t[..., half:], t[..., :half]], -1) * sin
+
+        def padded(t: torch.Tensor) -> torch.Tensor:  # response part [n, H, hd] -> [b, H, Ti, hd], zeros elsewhere
+            return t.new_zeros(b * Ti, H, hd).index_copy(0, keep, t).view(b, Ti, H, hd).transpose(1, 2)
+
         # response position i (absolute P + i) sees every prompt position and response positions <= i; an additive
         # mask and two matmuls are ~25% faster here (forward + backward) than scaled_dot_product_attention
         allowed = torch.ones(Ti, P + Ti, dtype=torch.bool).tril(P)  # [Ti, P + Ti]
         neg = torch.zeros(Ti, P + Ti).masked_fill(~allowed, float("-inf"))
-        scale = 1.0 / math.sqrt(self.head_dim)
+        scale = 1.0 / math.sqrt(hd)
         for lay in self.model.layers:
-            a = lay.self_attn
-            hp, hr = lay.input_layernorm(xp), lay.input_layernorm(xr)
-            qp = self._rope(self._split_heads(a.q_proj(hp), U, P), 0, P)  # [U, H, P, hd]
-            kp = self._rope(self._split_heads(a.k_proj(hp), U, P), 0, P)
-            vp = self._split_heads(a.v_proj(hp), U, P)
-            qr = self._rope(self._split_heads(a.q_proj(hr), b, Ti), P, Ti)  # [b, H, Ti, hd]
-            kr = self._rope(self._split_heads(a.k_proj(hr), b, Ti), P, Ti)
-            vr = self._split_heads(a.v_proj(hr), b, Ti)
+            a, m = lay.self_attn, lay.mlp
+            h = lay.input_layernorm(x)
+            q, k, v = rope(a.q_proj(h)), rope(a.k_proj(h)), a.v_proj(h).view(Mt, H, hd)
+            qp, kp, vp = (t[:n_p].view(U, P, H, hd).transpose(1, 2) for t in (q, k, v))  # [U, H, P, hd]
+            qr, kr, vr = (padded(t[n_p:]) for t in (q, k, v))  # [b, H, Ti, hd]
             op = F.scaled_dot_product_attention(qp, kp, vp, is_causal=True)  # [U, H, P, hd]
             keys = torch.cat([kp[row_prompt], kr], 2)  # [b, H, P + Ti, hd]
             values = torch.cat([vp[row_prompt], vr], 2)
             att = torch.softmax(torch.matmul(qr * scale, keys.transpose(-1, -2)) + neg, -1)  # [b, H, Ti, P + Ti]
-            orr = torch.matmul(att, values)  # [b, H, Ti, hd]
-            xp = xp + a.o_proj(op.transpose(1, 2).reshape(U, P, D))
-            xr = xr + a.o_proj(orr.transpose(1, 2).reshape(b, Ti, D))
-            xp = xp + lay.mlp(lay.post_attention_layernorm(xp))
-            xr = xr + lay.mlp(lay.post_attention_layernorm(xr))
-        h = torch.cat([xp[:, -1][row_prompt][:, None], xr], 1)  # [b, T, D]: the last prompt position, then Ti
-        return self.lm_head(self.model.norm(h))
+            orr = torch.matmul(att, values).transpose(1, 2).reshape(b * Ti, D)[keep]  # [n, D]
+            o = torch.cat([op.transpose(1, 2).reshape(n_p, D), orr])  # [Mt, D]
+            x = torch.addmm(x, o, a.o_proj.weight.t())  # x + o_proj(o)
+            h = lay.post_attention_layernorm(x)
+            x = torch.addmm(x, F.silu(m.gate_proj(h)) * m.up_proj(h), m.down_proj.weight.t())  # x + mlp(h)
+        last = x[:n_p].view(U, P, D)[:, -1]  # [U, D]: predicts each response's first token
+        logits = self.lm_head(self.model.norm(torch.cat([last, x[n_p:]])))  # [U + n, V]
+        rest = logits.new_zeros(b * Ti, logits.shape[-1]).index_copy(0, keep, logits[U:]).view(b, Ti, -1)
+        return torch.cat([logits[:U][row_prompt][:, None], rest], 1)  # [b, T, V]
 
     # ------------------------------------------------------------------------------------------ export
     def to_hf(self):
@@ -235,12 +254,15 @@ def unique_prompts(prompts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return uniq, inv
 
 
-def response_logits(model, prompts: torch.Tensor, tokens: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+def response_logits(model, prompts: torch.Tensor, tokens: torch.Tensor, temperature: float = 1.0,
+                    valid: torch.Tensor | None = None) -> torch.Tensor:
     """Logits [N, T, V] (float, divided by ``temperature``) predicting each response token (prompts [N, P] without
-    padding, responses tokens [N, T] with right padding). Shared prompts are computed once on a :class:`TinyQwen2`."""
+    padding, responses tokens [N, T] with right padding). On a :class:`TinyQwen2` shared prompts are computed once
+    and positions outside ``valid`` (default: after each row's first EOS) are 0 (see
+    :meth:`TinyQwen2.response_logits`); a transformers model computes every position."""
     if isinstance(model, TinyQwen2):
         uniq, inv = unique_prompts(prompts)
-        logits = model.response_logits(uniq, inv, tokens)
+        logits = model.response_logits(uniq, inv, tokens, valid)
     else:  # a transformers model
         P = prompts.shape[1]
         x = torch.cat([prompts, tokens], 1)  # [N, P + T]

@@ -91,6 +91,7 @@ def test_precedence(text, expected):
     ("Answer: \\frac{3}{4}", "\\frac{3}{4}"), ("Answer: $\\frac{3}{4}$.", "\\frac{3}{4}"),
     ("Answer: 1/2 cup", "1/2"), ("Answer: (1, 2)", "(1, 2)"), ("Answer: 25%", "25%"), ("Answer: Evelyn", "Evelyn"),
     ("Answer: 70,000", "70000"), ("Answer: 3,4", "3,4"), ("Answer: the total is $\\frac{3}{4}$ cups", "\\frac{3}{4}"),
+    ("The final answer is 4. The mechanic earned $72 - $52 = $18 more.", "4"),  # the marker's first sentence
     ("The answer is 2 times 5, which is 10.", "10"), ("The answer is 3 cups, that is 24 ounces", "24"),
     ("Answer: the number of eggs she sells", None),                     # a sentence is not an answer
     ("so 7.\nAnswer: the number of eggs she sells", "7"),               # ... and falls through to rule 3

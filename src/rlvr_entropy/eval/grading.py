@@ -7,7 +7,8 @@
    Repeated markers collapse ("Answer: Answer: 42" -> 42; the echoed template, ``$Answer (without quotes) where
    $Answer is the answer ...``, counts as a marker); a marker with nothing after it on its line takes the next
    non-empty line; a marker with nothing at all, or with only a sentence (prose of more than three words and no
-   number or math), is skipped (the one before it is tried, then rule 3);
+   number or math), is skipped (the one before it is tried, then rule 3). The answer ends with its line or its
+   first sentence ("The final answer is 4. The mechanic earned $18 more" -> 4);
 3. the last candidate in the text, by position: the last inline math span (``$...$``, ``$$...$$``, ``\\(...\\)``,
    ``\\[...\\]``) or the last number outside math spans, whichever ends later.
 
@@ -42,6 +43,7 @@ _MARKER = re.compile(r"(?:\banswer\s*(?:is\b\s*)?[:：]|\banswer\s+is\b|^[ \t]*#
 _RESULT_WORDS = re.compile(r"=|\bwhich\s+is\b|\bequals\b|\bthat\s+is\b", re.IGNORECASE)
 # The DAPO/GSM8K instruction echoed back: 'Answer: $Answer (without quotes) where $Answer is the answer ...'.
 _TEMPLATE_ECHO = re.compile(r"\(\s*without\s+quotes\s*\)|\bwhere\s+\$?Answer\s+is\s+the\s+answer\b.*", re.IGNORECASE)
+_SENTENCE_END = re.compile(r"(?<=[.!?])\s+(?=[A-Z])")
 _MAX_WORD_ANSWER = 3  # a prose answer without a number or math: at most this many words ("Evelyn", "Monday")
 # A leading marker (or the echoed template placeholder) inside an answer: dropped, repeatedly.
 _LEADING_MARKER = re.compile(
@@ -210,6 +212,7 @@ def _marker_answer(text: str) -> str | None:
         if not _strip_decorations(line):
             nxt = next((x for x in after.split("\n") if x.strip()), "")
             line = nxt if not _MARKER.search(nxt) else ""
+        line = _SENTENCE_END.split(line, maxsplit=1)[0]  # "The final answer is 4. The mechanic earned $18 more"
         ans = clean_answer(line)
         if ans:
             return ans

@@ -100,12 +100,21 @@ def test_state_identical_across_ranks_and_steps_from_the_engine(runs, name):
 @pytest.mark.parametrize("name", list(CONTROLLED))
 def test_controllers_read_the_reduction_over_both_ranks(runs, name):
     _, train, _ = runs
+    per_rollout = name == "siren"  # its anchor spans the whole first pass over the rollout (2 mini-batches)
     for step in range(4):
         e0, e1 = _ends(train[0][name]["record"])[step], _ends(train[1][name]["record"])[step]
+        assert e0["rollout_end"] is e1["rollout_end"] is (step % 2 == 1)  # 2 mini-batches per pass, 2 epochs
         assert e0["reduced"] == e1["reduced"]
-        assert list(e0["reduced"].values()) == [x + y for x, y in zip(e0["local"], e1["local"])]  # float64, exact
+        if per_rollout and not e0["rollout_end"]:
+            assert e0["reduced"] == {}  # nothing reduced yet: the sums go on into the next mini-batch's step
+        else:
+            assert list(e0["reduced"].values()) == [x + y for x, y in zip(e0["local"], e1["local"])]  # exact
         assert e0["state"] == e1["state"]
-    first0, first1 = _ends(train[0][name]["record"])[0], _ends(train[1][name]["record"])[0]
+    first = 1 if per_rollout else 0
+    first0, first1 = _ends(train[0][name]["record"])[first], _ends(train[1][name]["record"])[first]
+    if per_rollout:  # the sums at the end of the pass hold both mini-batches: more responses than the first one
+        assert first0["local"][1] > _ends(train[0][name]["record"])[0]["local"][1]
+        assert _ends(train[0][name]["record"])[0]["state"]["anchor"]["value"] is None
     red = list(first0["reduced"].values())
     glob = red[0] / red[1]
     own = [first0["local"][0] / first0["local"][1], first1["local"][0] / first1["local"][1]]
@@ -169,10 +178,18 @@ def test_one_state_file_restored_on_two_ranks_and_on_one(runs, name):
 
 
 def test_dynamic_batch_size_gives_the_same_anchor(runs):
+    """use_dynamic_bsz splits each mini-batch into other micro-batches. What the anchor measures with the initial
+    policy (the first mini-batch's step) is the same to the last bit; the second mini-batch of the pass is measured
+    after the first optimizer step, which differs by float rounding between the splits (Adam's first step is about
+    lr * sign(g), so rounding in near-zero gradient components shows), hence the looser second check."""
     _, train, _ = runs
     for rank in (0, 1):
+        f_ends, d_ends = _ends(train[rank]["siren"]["record"]), _ends(train[rank]["siren_dynamic"]["record"])
+        assert f_ends[0]["local"] == d_ends[0]["local"] and not f_ends[0]["rollout_end"]
         fixed = train[rank]["siren"]["after_update"]["methods"]["siren"]["anchor"]["value"]
         dyn = train[rank]["siren_dynamic"]["after_update"]["methods"]["siren"]["anchor"]["value"]
-        assert dyn == pytest.approx(fixed, rel=1e-9, abs=0)
+        red = d_ends[1]["reduced"]
+        assert dyn == red["h_sel_sum"] / red["responses"] and red["responses"] == 8  # 2 mini-batches x 2 ranks
+        assert dyn == pytest.approx(fixed, rel=2e-2, abs=0)
         calls = [c["step"] for c in _losses(train[rank]["siren_dynamic"]["record"])]
         assert calls == [0, 1, 2, 3]  # really another split: one micro-batch per step instead of two

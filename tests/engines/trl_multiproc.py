@@ -126,8 +126,8 @@ def _attach_shadow(trainer, name, cfg, record):
     shadow.config = method.config  # same PG settings as the trainer mapped
     shadow_end = shadow.end_step
 
-    def end_step():
-        sums = shadow_end()
+    def end_step(**kw):
+        sums = shadow_end(**kw)
         record["local_sums"].append(sums)
         return sums
 

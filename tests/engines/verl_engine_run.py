@@ -305,11 +305,11 @@ def instrument() -> None:
         RECORD.append(rec)
         return out
 
-    def end_step(self):
+    def end_step(self, **kw):
         local = [float(x) for x in self._sums.tolist()]
-        sums = orig_end(self)
+        sums = orig_end(self, **kw)
         RECORD.append({"event": "end_step", "method": self.name, "local": local, "reduced": sums,
-                       "state": self.state_dict()})
+                       "rollout_end": kw.get("rollout_end", True), "state": self.state_dict()})
         return sums
 
     Method.compute_loss = compute_loss

@@ -243,6 +243,28 @@ def test_state_is_split_and_rank_invariant(name):
     assert solo.state_dict() != s0
 
 
+def test_rollout_end_flag(name):
+    """A rollout trained in two optimizer steps (end_step(rollout_end=False), then True). A method that measures
+    per step ends exactly as when each step is a rollout; one that measures per rollout (SIREN's anchor) ends as
+    one step over the whole rollout."""
+    data = _steps(51)
+    flagged, plain, merged = fresh(name), fresh(name), fresh(name)
+    for step, lv in enumerate(data):
+        for k, (lo, hi) in enumerate(((0, 1), (1, 4))):
+            flagged.compute_loss(batch_from(_rows(lv, lo, hi)), step=2 * step + k)
+            flagged.end_step(rollout_end=k == 1)
+            plain.compute_loss(batch_from(_rows(lv, lo, hi)), step=2 * step + k)
+            plain.end_step()
+            merged.compute_loss(batch_from(_rows(lv, lo, hi)), step=step)
+        merged.end_step()
+        if flagged.observes_per == "step":
+            assert flagged.state_dict() == plain.state_dict(), step
+        else:
+            assert flagged.observes_per == "rollout"
+            if step == 0:
+                assert flagged.state_dict() == merged.state_dict() != plain.state_dict()
+
+
 # ------------------------------------------------------------------ logits-free route (rlvr_entropy.kernels)
 def _logits_route_cases():
     """Every method that reads the distribution (instance-level ``needs``), with its defaults, plus settings that

@@ -313,6 +313,31 @@ def test_anchor_does_not_depend_on_the_micro_batch_split():
     assert prepared.anchor.value == pytest.approx(whole.anchor.value, rel=1e-12, abs=1e-15)
 
 
+def test_anchor_spans_every_optimizer_step_of_the_first_rollout():
+    """A rollout trained in several optimizer steps (TRL's steps_per_generation > accumulation, verl's mini-batches):
+    the anchor is the mean over the whole rollout, set only at the step that completes it; those steps carry no
+    penalty; a per-step controller is not affected by the flag."""
+    leaves, _ = make_leaves(seed=17, B=6)
+    whole = re.make_method("siren")
+    whole.prepare(batch_from(leaves))
+    m = re.make_method("siren")
+    for step, (lo, hi) in enumerate([(0, 2), (2, 3), (3, 6)]):
+        part = {k: (x[lo:hi] if isinstance(x, torch.Tensor) and x.dim() >= 1 and x.shape[0] == 6 else x)
+                for k, x in leaves.items()}
+        out = m.compute_loss(batch_from(part), step=step)
+        assert out.metrics["siren/reg"].item() == 0.0 and not m.anchor.is_set, step
+        m.end_step(rollout_end=hi == 6)
+    assert m.anchor.value == pytest.approx(whole.anchor.value, rel=1e-12)
+    # closing each step as a rollout of its own measures the first part only: a different anchor
+    first = re.make_method("siren")
+    first.compute_loss(batch_from({k: (x[:2] if isinstance(x, torch.Tensor) and x.dim() >= 1 and x.shape[0] == 6
+                                       else x) for k, x in leaves.items()}), step=0)
+    first.end_step()
+    assert first.anchor.value != pytest.approx(whole.anchor.value, rel=1e-6)
+    with pytest.raises(ValueError, match="rollout_end"):
+        m.end_step(rollout_end=1)
+
+
 def test_anchor_over_ranks_is_the_same_on_every_rank():
     from tests.methods._world import FakeWorld
 

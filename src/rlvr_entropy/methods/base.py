@@ -81,6 +81,9 @@ class Method:
     detached_inputs: ClassVar[tuple[str, ...]] = ()
     #: Names of the sums the controllers measure over a step (reduced with a sum over every process).
     observes: ClassVar[tuple[str, ...]] = ()
+    #: "step": the sums are reduced and the controllers update at every ``end_step``; "rollout": only at an
+    #: ``end_step(rollout_end=True)``, so one measurement spans every optimizer step of a rollout (SIREN's anchor).
+    observes_per: ClassVar[str] = "step"
 
     def __init__(self, config: PGConfig | None = None, **overrides: Any) -> None:
         if config is None:
@@ -162,11 +165,18 @@ class Method:
         that override it make it a collective through ``dist``: every rank calls it once per step."""
         return None
 
-    def end_step(self) -> dict[str, float]:
+    def end_step(self, *, rollout_end: bool = True) -> dict[str, float]:
         """Close the optimizer step: reduce this step's sums over every process (one collective when the method
-        observes anything; every rank must call it) and update the controllers. Returns the reduced sums."""
+        observes anything; every rank must call it) and update the controllers. Returns the reduced sums.
+
+        ``rollout_end``: whether this optimizer step completes one pass over the rollout batch it trains on. An
+        engine whose rollout spans several optimizer steps (TRL's ``steps_per_generation`` > gradient accumulation,
+        verl's mini-batches) passes False for the others, the same on every rank; a method that measures per
+        rollout (``observes_per = "rollout"``) then keeps adding to its sums until the pass is complete."""
+        if not isinstance(rollout_end, bool):
+            raise ValueError(f"rollout_end must be a bool, got {rollout_end!r}")
         sums: dict[str, float] = {}
-        if self.observes:
+        if self.observes and (rollout_end or self.observes_per == "step"):
             total = self.dist.all_reduce_sum(self._sums)
             sums = {k: float(v) for k, v in zip(self.observes, total.tolist())}
             self._sums = torch.zeros(len(self.observes), dtype=torch.float64)
@@ -270,3 +280,20 @@ def make_method(name: str, **config: Any) -> Method:
     """Build a registered method with its paper defaults, overridden by ``config``."""
     cls = get_method_class(name)
     return cls(make_config(cls, **config))
+
+
+def engine_length_overrides(name: str, overrides: dict[str, Any], max_completion_length: int
+                            ) -> tuple[dict[str, Any], str | None]:
+    """What an engine that owns the completion length passes to :func:`make_method`: a method whose aggregation is
+    "seq-mean-token-sum-norm" (SIREN's paper default, over 3072 tokens) divides by the engine's
+    ``max_completion_length`` unless ``overrides`` sets ``norm_length``; a paper length far above the engine's would
+    shrink the policy gradient against the method's other terms (48-token completions over 3072: about 66x).
+    Returns (overrides, the line to log, or None when nothing was changed)."""
+    check_int("max_completion_length", max_completion_length, lo=1)
+    cfg = make_config(get_method_class(name), **overrides)
+    if cfg.loss_agg_mode != "seq-mean-token-sum-norm" or "norm_length" in overrides \
+            or cfg.norm_length == max_completion_length:
+        return dict(overrides), None
+    note = (f"rlvr-entropy: {name} aggregates with seq-mean-token-sum-norm over the engine's max completion length "
+            f"{max_completion_length} (paper default {cfg.norm_length}; set norm_length to choose)")
+    return {**overrides, "norm_length": max_completion_length}, note

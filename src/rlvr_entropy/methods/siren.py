@@ -21,14 +21,20 @@ response length 3072, no KL.
 
 The anchor: an engine that holds the whole first rollout batch with its logits may call :meth:`Siren.prepare` with
 it (on every rank) before the first ``compute_loss``; that measures A on the whole global batch, as the paper does.
-Without it the first optimizer step measures A: its micro-batches carry no penalty (the anchor is not known yet)
-and add their responses' H_sel to the step's sums, and ``end_step`` sets A from the sums of every rank. Either way
-A does not depend on how the batch is split into micro-batches or ranks.
+Without it the first rollout measures A: its micro-batches carry no penalty (the anchor is not known yet) and add
+their responses' H_sel to the sums, and the ``end_step(rollout_end=True)`` that completes the first pass over the
+rollout sets A from the sums of every rank (``observes_per = "rollout"``: when the rollout spans several optimizer
+steps, as with TRL's ``steps_per_generation`` or verl's mini-batches, the steps before carry no penalty either).
+Either way A does not depend on how the batch is split into micro-batches, optimizer steps or ranks.
 
 Deviations from the paper / official code:
 - The anchor is part of ``state_dict()`` and survives a resume (the official code measures it again after a
   restart, with the current policy instead of the initial one).
-- Without ``prepare``, the first optimizer step has no penalty: the official code measures A on the first batch and
+- Without ``prepare``, a rollout trained in several optimizer steps is measured step by step: the first step's
+  micro-batches with the initial policy, later ones with the policy after the steps before (the paper measures
+  every response with the initial policy; at the paper's lr of 1e-6 the difference is negligible; ``prepare``
+  gives the paper's exact value where the engine holds the whole rollout with its logits).
+- Without ``prepare``, the first rollout has no penalty: the official code measures A on the first batch and
   applies (H_sel - A)^2 in the same step, whose gradient is 0 when that batch is a single micro-batch and small
   otherwise. A response with no valid token does not count in the anchor's mean (it does in the official B), so
   padding rows cannot move it.
@@ -169,6 +175,7 @@ class Siren(Method):
     Config = SirenConfig
     needs = ("logits",)
     observes = ("h_sel_sum", "responses")
+    observes_per = "rollout"  # the anchor spans every optimizer step of the first rollout
 
     def __init__(self, config=None, **overrides):
         super().__init__(config, **overrides)

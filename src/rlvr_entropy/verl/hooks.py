@@ -15,6 +15,10 @@ micro-batches, ``optimizer_step``):
   counts are all counted exactly).
 * ``FSDPEngine.save_checkpoint`` / ``load_checkpoint``: one controller-state file per checkpoint
   (:mod:`rlvr_entropy.verl.state`).
+* ``engine_workers.TrainingWorker.train_mini_batch`` (:func:`install_worker_hooks`, patched once that module is
+  imported): one call trains on one rollout batch (mini-batches x ``ppo_epochs``); it tells the EngineState how
+  many optimizer steps make one pass over the rollout, and ``end_step`` passes ``rollout_end`` on to the methods
+  (SIREN's anchor is measured over every mini-batch of the first rollout, not the first mini-batch's step only).
 * Logits: verl hands logits to user code only through ``logits_processor_func`` on the distillation top-k branch.
   ``_scale_logits_by_temperature`` (the one place the FSDP engine turns the LM head output into temperature-scaled
   logits, [nnz, V] with remove-padding) is wrapped to record a reference to its result (no copy) in the step context
@@ -236,6 +240,63 @@ def install_engine_hooks() -> bool:
     hook(ti.FSDPEngine, "optimizer_step", optimizer_step)
     hook(ti.FSDPEngine, "save_checkpoint", save_checkpoint)
     hook(ti.FSDPEngine, "load_checkpoint", load_checkpoint)
+    workers = sys.modules.get(WORKER_MODULE)
+    if workers is not None and hasattr(workers, "TrainingWorker"):  # else the after-import finder installs it
+        install_worker_hooks()
+    return True
+
+
+def _steps_per_pass(worker: Any, data: Any) -> int | None:
+    """Optimizer steps per pass over ``data`` in ``TrainingWorker.train_mini_batch`` (its mini-batches per epoch,
+    computed as verl computes them), or None when ``data`` does not say."""
+    try:
+        from tensordict import TensorDict
+        from verl.utils import tensordict_utils as tu
+    except Exception:  # pragma: no cover
+        return None
+    if not isinstance(data, TensorDict):
+        return None
+    size, count = tu.get(data, "mini_batch_size", default=None), tu.get(data, "num_mini_batch", default=None)
+    rows = int(data.shape[0])
+    if size is not None:
+        per_rank = int(size) // int(worker.engine.get_data_parallel_size())
+    elif count is not None:
+        per_rank = rows // int(count)
+    else:
+        return None
+    return rows // per_rank if per_rank > 0 and rows % per_rank == 0 else None
+
+
+def install_worker_hooks() -> bool:
+    """Patch verl's ``TrainingWorker.train_mini_batch`` (idempotent; False when it cannot be imported here): one
+    call trains on one rollout batch, split into mini-batches (one optimizer step each) for ``ppo_epochs``; the
+    engine's :class:`~rlvr_entropy.verl.state.EngineState` learns how many optimizer steps make one pass over it,
+    so ``end_step`` can tell methods where the first pass over the rollout ends (SIREN's anchor spans it)."""
+    try:
+        from verl.workers import engine_workers as ew
+    except Exception:  # pragma: no cover
+        return False
+    from rlvr_entropy.verl.state import state_of
+
+    fn = ew.TrainingWorker.__dict__.get("train_mini_batch")
+    if fn is None:  # pragma: no cover  (another verl version)
+        raise RuntimeError("rlvr-entropy: TrainingWorker.train_mini_batch is not defined where verl 0.9.1 defines "
+                           "it; this verl version is not supported by the engine hooks")
+    if getattr(fn, "_rlvr_entropy", False):
+        return True
+
+    @functools.wraps(fn)
+    def train_mini_batch(self, *args, **kwargs):
+        data = kwargs["data"] if "data" in kwargs else (args[0] if args else None)
+        st = state_of(self.engine)
+        st.begin_rollout(_steps_per_pass(self, data))
+        try:
+            return fn(self, *args, **kwargs)
+        finally:
+            st.end_rollout()
+
+    train_mini_batch._rlvr_entropy = True  # type: ignore[attr-defined]
+    ew.TrainingWorker.train_mini_batch = train_mini_batch
     return True
 
 
@@ -245,6 +306,7 @@ def install_logits_hook() -> bool:
 
 
 ENGINE_MODULE = "verl.workers.engine.fsdp.transformer_impl"
+WORKER_MODULE = "verl.workers.engine_workers"
 
 
 class _Loader(importlib.abc.Loader):
@@ -292,6 +354,10 @@ def install_engine_hooks_on_import() -> bool:
     What the plugin does on ``import verl``: importing the engine module resolves verl's platform
     (``transformer_impl.device_name = get_device_name()``), so importing it from the plugin would fix the platform
     before a user or another plugin registers theirs (e.g. a CPU platform). True when installed now."""
+    if WORKER_MODULE in sys.modules:
+        install_worker_hooks()
+    elif not any(isinstance(f, _AfterImport) and f.name == WORKER_MODULE for f in sys.meta_path):
+        sys.meta_path.insert(0, _AfterImport(WORKER_MODULE, lambda module: install_worker_hooks()))
     if ENGINE_MODULE in sys.modules:
         return install_engine_hooks()
     if not any(isinstance(f, _AfterImport) and f.name == ENGINE_MODULE for f in sys.meta_path):
@@ -341,7 +407,8 @@ def check_verl_config(name: str, actor_config: Any, model_config: Any = None) ->
                          "actor_rollout_ref.actor.calculate_entropy=True")
 
 
-__all__ = ["needs_logits", "needs_entropy", "check_verl_config", "install_engine_hooks", "install_logits_hook",
+__all__ = ["needs_logits", "needs_entropy", "check_verl_config", "install_engine_hooks", "install_worker_hooks",
+           "install_logits_hook",
            "install_engine_hooks_on_import",
            "capture_logits", "take_captured_logits", "response_logits", "wants_logits", "step_context", "current",
            "StepContext", "rle_loss_config"]

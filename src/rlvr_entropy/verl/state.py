@@ -11,7 +11,9 @@ by the hooks of :mod:`rlvr_entropy.verl.hooks` and reached by the losses through
 * ``step``: optimizer steps closed so far, the ``step`` handed to ``Method.compute_loss``;
 * :meth:`EngineState.end_step`: called once per optimizer step on every rank by the hook on
   ``FSDPEngine.optimizer_step`` (the one place verl 0.9.1's ``BaseEngine.train_batch`` updates the weights); it
-  reduces what the controllers observed over the DP group and updates them.
+  reduces what the controllers observed over the DP group and updates them. The hook on
+  ``TrainingWorker.train_mini_batch`` (one rollout batch: mini-batches x ``ppo_epochs``) tells it how many
+  optimizer steps make one pass over the rollout, so a per-rollout measurement (SIREN's anchor) spans them all.
 
 Checkpoints (hooks on ``FSDPEngine.save_checkpoint`` / ``load_checkpoint``, which ``TrainingWorker`` and the v1
 trainer call): one file ``local_path/rlvr_entropy_state.pt`` per checkpoint, the same for every rank and every world
@@ -98,6 +100,8 @@ class EngineState:
         self._open: set[str] = set()            # methods that observed in the step not closed yet
         self._restored: dict[str, Any] | None = None  # methods' state read from a checkpoint, for methods not built
         self._resumed_from: str | None = None   # checkpoint resumed from, when it had no state file
+        self._pass_steps: int | None = None     # optimizer steps per pass over the rollout being trained on
+        self._pass_done = 0                     # optimizer steps of that rollout closed so far
 
     # ----------------------------------------------------------------------------------------- methods
     @property
@@ -153,11 +157,26 @@ class EngineState:
         """Mark that method ``name`` observed during the current step (the loss calls this)."""
         self._open.add(name)
 
+    def begin_rollout(self, steps_per_pass: int | None) -> None:
+        """A rollout batch is about to be trained on in ``steps_per_pass`` optimizer steps per pass (verl's
+        mini-batches per epoch; the hook on ``TrainingWorker.train_mini_batch`` calls it); None: unknown, every
+        optimizer step counts as a whole rollout."""
+        if steps_per_pass is not None and (not isinstance(steps_per_pass, int) or steps_per_pass < 1):
+            raise ValueError(f"steps_per_pass must be a positive int or None, got {steps_per_pass!r}")
+        self._pass_steps, self._pass_done = steps_per_pass, 0
+
+    def end_rollout(self) -> None:
+        self._pass_steps, self._pass_done = None, 0
+
     def end_step(self) -> None:
-        """Close one optimizer step, on every rank: ``Method.end_step()`` of every method that observed in it (in
-        name order, the same on every rank: each is one collective), then ``step += 1``."""
+        """Close one optimizer step, on every rank: ``Method.end_step(rollout_end=...)`` of every method that
+        observed in it (in name order, the same on every rank: each is one collective), then ``step += 1``.
+        ``rollout_end`` is True at the step that completes a pass over the rollout (every ``steps_per_pass``-th
+        step of :meth:`begin_rollout`; every step outside one), so SIREN's anchor spans the whole first rollout."""
+        self._pass_done += 1
+        rollout_end = self._pass_steps is None or self._pass_done % self._pass_steps == 0
         for name in sorted(self._open):
-            self.methods[name].end_step()
+            self.methods[name].end_step(rollout_end=rollout_end)
         self._open.clear()
         self.step += 1
 

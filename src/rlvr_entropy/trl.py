@@ -25,8 +25,10 @@ docs/engines/trl.md for the user's view; in short:
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
+import logging
 import math
 import os
 from typing import Any
@@ -41,6 +43,8 @@ from rlvr_entropy.core.batch import TokenBatch
 from rlvr_entropy.core.dist import Collective, LocalCollective, TorchCollective
 from rlvr_entropy.diagnostics import EntropyChangeProbe
 from rlvr_entropy.methods.base import Method, get_method_class, make_method
+
+_log = logging.getLogger(__name__)
 
 STATE_FILE = "rlvr_entropy_state.json"
 
@@ -158,6 +162,25 @@ def resolve_method(method: str | Method, method_config: dict[str, Any] | None = 
             raise ValueError(f"method {method!r} with GRPOConfig's PG settings "
                              f"({ {k: v for k, (v, _) in owned.items()} }): {e}") from e
     return make_method(method, **cfg)
+
+
+def aggregation_note(method: Method, args: Any) -> str | None:
+    """One line saying how GRPOConfig sets ``method``'s aggregation when it is not the method's paper default
+    (e.g. SIREN's seq-mean-token-sum-norm over 3072 tokens: with ``loss_type="dr_grpo"`` the length is the engine's
+    ``max_completion_length``; with another loss type the aggregation is that loss type's). None when they agree."""
+    defaults = {f.name: f.default for f in dataclasses.fields(type(method).Config)}
+    paper = (defaults["loss_agg_mode"], defaults["norm_length"])
+    used = (method.config.loss_agg_mode, method.config.norm_length)
+    if paper == used:
+        return None
+
+    def say(mode, n):
+        return f"{mode} over {n} tokens" if mode == "seq-mean-token-sum-norm" and n is not None else mode
+
+    where = (f"loss_type={args.loss_type!r}, max_completion_length={args.max_completion_length}"
+             if used[0] == "seq-mean-token-sum-norm" else f"loss_type={args.loss_type!r}")
+    return (f"rlvr-entropy: {method.name} aggregates with {say(*used)} (GRPOConfig {where}); its paper default is "
+            f"{say(*paper)}")
 
 
 def check_advantage_options(method: Method, *, off_policy_mask_threshold: float | None,
@@ -289,6 +312,9 @@ class EntropyGRPOTrainer(GRPOTrainer):
             raise ValueError(f"GRPOConfig.importance_sampling_level={self.importance_sampling_level!r}: "
                              "EntropyGRPOTrainer supports 'token' only")
         self.method = resolve_method(method, method_config, self.args)
+        note = aggregation_note(self.method, self.args)
+        if note and self.accelerator.is_main_process:
+            _log.warning(note)
         check_advantage_options(self.method, off_policy_mask_threshold=self.off_policy_mask_threshold,
                                 vllm_is_correction=bool(self.use_vllm and self.vllm_importance_sampling_correction))
         self.collective: Collective = (TorchCollective() if self.accelerator.num_processes > 1
@@ -488,8 +514,17 @@ class EntropyGRPOTrainer(GRPOTrainer):
         """Once per optimizer step, on every rank (``on_step_end``): finish the probe, update the controllers from
         the step's sums over every process, reduce the step's metrics."""
         self._finish_probe()
-        self.method.end_step()
+        self.method.end_step(rollout_end=self._rollout_end(self.state.global_step))
         self._flush_metrics("train")
+
+    def _rollout_end(self, global_step: int) -> bool:
+        """Whether optimizer step ``global_step`` (1-based, as ``on_step_end`` sees it) completes a pass over a
+        generation batch: TRL generates for ``steps_per_generation`` micro-steps and trains on them
+        ``num_iterations`` times; a pass ends at every multiple of ``steps_per_generation`` micro-steps. The same on
+        every rank (it depends on the config and the step only), so a per-rollout measurement (SIREN's anchor)
+        spans the whole first generation batch whatever the accumulation."""
+        ga, spg = self.args.gradient_accumulation_steps, self.args.steps_per_generation
+        return (global_step * ga) // spg > ((global_step - 1) * ga) // spg
 
     def _flush_metrics(self, mode: str) -> None:
         for k, v in self._metric_sums[mode].reduce(self.collective).items():

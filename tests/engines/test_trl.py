@@ -100,6 +100,27 @@ def test_full_logits_path_matches_fused_log_probs(tok, tmp_path):
 
 
 # ------------------------------------------------------------------------------------ GRPOConfig mapping
+def test_aggregation_from_grpo_config_is_logged(tok, tmp_path, caplog):
+    """SIREN's paper aggregation is seq-mean-token-sum-norm over 3072 tokens; under TRL the length is the engine's
+    max_completion_length (loss_type="dr_grpo") and a line says so; a method whose aggregation GRPOConfig does not
+    change logs nothing."""
+    import logging
+
+    from rlvr_entropy.trl import aggregation_note
+
+    with caplog.at_level(logging.WARNING, logger="rlvr_entropy.trl"):
+        t = _trainer(tok, tmp_path, "siren", loss_type="dr_grpo")
+    assert t.method.config.norm_length == 6  # max_completion_length
+    lines = [r.getMessage() for r in caplog.records if r.name == "rlvr_entropy.trl"]
+    assert len(lines) == 1 and "over 6 tokens" in lines[0] and "max_completion_length=6" in lines[0] \
+        and "3072" in lines[0]
+    assert aggregation_note(t.method, t.args) == lines[0]
+    g = _trainer(tok, tmp_path, "grpo", loss_type="dapo")
+    assert aggregation_note(g.method, g.args) is None  # grpo's paper default is token-mean = dapo
+    d = _trainer(tok, tmp_path, "siren", loss_type="dapo")
+    assert "token-mean" in aggregation_note(d.method, d.args)
+
+
 def test_grpo_config_owns_the_pg_settings(tok, tmp_path):
     # steer's paper PG part (eps_high 0.28, dual clip 10) gives way to GRPOConfig's
     t = _trainer(tok, tmp_path, "steer")
@@ -207,7 +228,7 @@ def test_one_update_per_optimizer_step_none_in_evaluation(tok, tmp_path):
                                       eval_steps=1, eval_on_start=True, per_device_eval_batch_size=4))
     sums = []
     inner = t.method.end_step
-    t.method.end_step = lambda: sums.append(inner()) or sums[-1]
+    t.method.end_step = lambda **kw: sums.append(inner(**kw)) or sums[-1]
     rec = _States(t)
     t.add_callback(rec)
     t.train()
@@ -219,6 +240,39 @@ def test_one_update_per_optimizer_step_none_in_evaluation(tok, tmp_path):
     assert all(8 < s["tokens"] <= 48 for s in sums)
     logged = set().union(*[set(h) for h in t.state.log_history])
     assert {"eval_adaptive_entropy/coefficient", "eval_entropy", "adaptive_entropy/coefficient"} <= logged
+
+
+@pytest.mark.parametrize("spg,flags", [(4, [False, True, False, True]), (2, [True] * 4), (1, [True] * 4)])
+def test_siren_anchor_spans_the_whole_first_generation_batch(spg, flags, tok, tmp_path):
+    """steps_per_generation=4 with gradient accumulation 2: one generation batch (16 completions) is trained in 2
+    optimizer steps; SIREN's anchor is measured over both (no penalty in either), set at the second. With
+    steps_per_generation <= accumulation every step completes a rollout."""
+    t = _trainer(tok, tmp_path, "siren", max_steps=4, gradient_accumulation_steps=2 if spg > 1 else 1,
+                 steps_per_generation=spg, generation_batch_size=None)
+    calls, regs = [], []
+    inner, loss = t.method.end_step, t.method.compute_loss
+
+    def spy_end(**kw):
+        out = inner(**kw)
+        calls.append((kw["rollout_end"], out, t.method.anchor.value))
+        return out
+
+    def spy_loss(batch, **kw):
+        out = loss(batch, **kw)
+        regs.append(float(out.metrics["siren/reg"]))
+        return out
+
+    t.method.end_step, t.method.compute_loss = spy_end, spy_loss
+    t.train()
+    assert [c[0] for c in calls] == flags
+    first = flags.index(True)
+    assert all(c[2] is None for c in calls[:first]) and calls[first][2] is not None
+    sums = calls[first][1]
+    ga = 2 if spg > 1 else 1
+    assert sums["responses"] == 4 * ga * (first + 1)  # every micro-batch of the first generation batch
+    assert calls[first][2] == pytest.approx(sums["h_sel_sum"] / sums["responses"], rel=1e-12)
+    assert regs[:ga * (first + 1)] == [0.0] * (ga * (first + 1))  # no penalty while the anchor is measured
+    assert all(c[2] == calls[first][2] for c in calls[first:])  # measured once
 
 
 def test_begin_step_gets_each_optimizer_steps_whole_rollout(tok, tmp_path):

@@ -517,11 +517,15 @@ def _train(method_name, cfg, out_dir, method_overrides, resume, progress, use_ca
     from rlvr_entropy import TokenBatch, make_method
     from rlvr_entropy.stats import entropy as entropy_fn
 
+    from rlvr_entropy.methods.base import engine_length_overrides
+
     method_overrides = dict(method_overrides or {})
-    method = make_method(method_name, **method_overrides)
+    task = get_task(cfg.task)
+    # seq-mean-token-sum-norm divides by this engine's max completion length, not the paper's 3072 (logged)
+    effective, note = engine_length_overrides(method_name, method_overrides, task.max_response_len)
+    method = make_method(method_name, **effective)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    task = get_task(cfg.task)
     tok = CharTokenizer()
     t_start = time.time()
     model = initial_model(cfg, task, tok, progress=progress, use_cache=use_cache)
@@ -600,6 +604,8 @@ def _train(method_name, cfg, out_dir, method_overrides, resume, progress, use_ca
         else:
             log(f"{out}: starting at step 0 ({method_name}, seed {cfg.seed}, {cfg.steps} steps)")
         metrics_path.write_text("")
+    if note:
+        log(note)
     (out / "config.json").write_text(json.dumps({"method": method_name, "method_overrides": method_overrides,
                                                  "method_config": _jsonable_config(method.config),
                                                  "train": asdict(cfg), "engine": "lean",

@@ -16,6 +16,7 @@ Logging: TRL's own per-log printing (raw dicts) is switched off; the run prints 
 from __future__ import annotations
 
 import json
+import sys
 import os
 import time
 from dataclasses import asdict
@@ -43,7 +44,7 @@ def train_trl(method_name: str, cfg: TrainConfig, out_dir: str | os.PathLike, me
     from rlvr_entropy.testbed.provenance import provenance
     from rlvr_entropy.testbed.train import REPORT_TO
 
-    from rlvr_entropy.trl import EntropyGRPOTrainer
+    from rlvr_entropy.trl import TRL_OWNED, EntropyGRPOTrainer
 
     old_threads = torch.get_num_threads()
     if threads is not None:
@@ -76,18 +77,30 @@ def train_trl(method_name: str, cfg: TrainConfig, out_dir: str | os.PathLike, me
             raise ValueError(f"report_to: unknown sink(s) {bad}; available: {', '.join(REPORT_TO)}")
         if "tensorboard" in report_to:
             os.environ.setdefault("TENSORBOARD_LOGGING_DIR", str(out / "tb"))
+        # the method's own PG settings (clip, dual clip, loss type), expressed as GRPOConfig; a
+        # seq-mean-token-sum-norm length is this engine's max completion length (logged), not the paper's 3072
+        from rlvr_entropy.methods.base import engine_length_overrides, make_method
+        from rlvr_entropy.trl import grpo_config_kwargs
+
+        effective, note = engine_length_overrides(method_name, dict(method_overrides or {}), task.max_response_len)
+        pg_kwargs = grpo_config_kwargs(make_method(method_name, **effective))
+        pg_kwargs["max_completion_length"] = task.max_response_len
+        if note:
+            print(note, file=sys.stderr, flush=True)
         args = GRPOConfig(
+            **pg_kwargs,
             output_dir=str(out / "trl"), use_cpu=True, report_to=list(report_to), save_strategy="no", logging_steps=1,
             seed=cfg.seed, bf16=False, per_device_train_batch_size=n // cfg.minibatches,
             num_generations=cfg.samples_per_prompt, steps_per_generation=cfg.minibatches,
             gradient_accumulation_steps=1, max_steps=cfg.steps * cfg.minibatches, learning_rate=cfg.lr,
             lr_scheduler_type="constant", warmup_steps=0, weight_decay=cfg.weight_decay,
             max_grad_norm=cfg.grad_clip if cfg.grad_clip > 0 else 1e9, temperature=cfg.temperature, beta=0.0,
-            max_completion_length=task.max_response_len, scale_rewards="group" if cfg.adv_std_norm else "none",
+            scale_rewards="group" if cfg.adv_std_norm else "none",
             num_iterations=cfg.epochs, disable_tqdm=True, shuffle_dataset=False,
         )
         trainer = EntropyGRPOTrainer(model=model, reward_funcs=reward, args=args, train_dataset=data,
-                                     processing_class=hf_tok, method=method_name, method_config=method_overrides,
+                                     processing_class=hf_tok, method=method_name,
+                                     method_config={k: v for k, v in effective.items() if k not in TRL_OWNED},
                                      diagnostics_every=diagnostics_every)
         (out / "config.json").write_text(json.dumps({"method": method_name, "method_overrides": method_overrides,
                                                      "train": asdict(cfg), "engine": "trl",

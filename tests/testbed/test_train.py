@@ -195,3 +195,21 @@ def test_killed_subprocess_resumes_with_the_same_metrics(tmp_path):
     for x, y in zip(ra, rb):  # everything but timings
         assert {k: v for k, v in x.items() if not k.endswith("_s")} == pytest.approx(
             {k: v for k, v in y.items() if not k.endswith("_s")}, nan_ok=True)
+
+
+def test_seq_mean_token_sum_norm_takes_the_testbed_response_length(tmp_path):
+    """SIREN's paper aggregation divides by 3072 tokens; the testbed's responses are at most max_response_len long:
+    the run uses that length (recorded in config.json) and logs a line; a user's norm_length is kept."""
+    from rlvr_entropy.testbed.tasks import get_task
+
+    lines = []
+    cfg = TrainConfig(steps=1, **TINY)
+    train("siren", cfg, tmp_path / "a", progress=False, log=lines.append)
+    n = get_task(cfg.task).max_response_len
+    got = json.loads((tmp_path / "a" / "config.json").read_text())
+    assert got["method_config"]["norm_length"] == n and got["method_overrides"] == {}
+    assert any(f"max completion length {n}" in x and "3072" in x for x in lines)
+    lines.clear()
+    train("siren", cfg, tmp_path / "b", {"norm_length": 100}, progress=False, log=lines.append)
+    got = json.loads((tmp_path / "b" / "config.json").read_text())
+    assert got["method_config"]["norm_length"] == 100 and not any("max completion length" in x for x in lines)

@@ -94,11 +94,11 @@ def test_eval_cli_on_gsm8k(tmp_path, capsys):
 
     out = tmp_path / "o"
     rc = cli.main(["eval", "--model", "smollm2", "--benchmarks", "gsm8k", "--data-dir", str(DATA), "--limit", "2",
-                   "--n", "2", "--max-new-tokens", "48", "--batch-size", "4", "--temperature", "0.7",
+                   "--n", "2", "--max-new-tokens", "32", "--batch-size", "4", "--temperature", "0.7",
                    "--out", str(out)])
     cap = capsys.readouterr()
     assert rc == 0, cap.err
-    assert "backend=transformers" in cap.err and "n=2 max_new_tokens=48 batch_size=4" in cap.err
+    assert "backend=transformers" in cap.err and "n=2 max_new_tokens=32 batch_size=4" in cap.err
     assert "## gsm8k (2 problems, n=2)" in cap.out
     recs = [json.loads(x) for x in (out / "gsm8k.answers.jsonl").read_text().splitlines()]
     assert len(recs) == 4 and {r["gold"] for r in recs} == {"18", "3"}
@@ -108,4 +108,4 @@ def test_eval_cli_on_gsm8k(tmp_path, capsys):
         assert r["answer"] == extract_answer(r["response"])
         assert r["correct"] == math_equal(r["answer"], r["gold"])
     st = json.loads((out / "settings.json").read_text())
-    assert st["generated_samples"] == 4 and 0 < st["generated_tokens"] <= 4 * 48
+    assert st["generated_samples"] == 4 and 0 < st["generated_tokens"] <= 4 * 32

@@ -146,6 +146,12 @@ class TinyQwen2(nn.Module):
         emb = torch.cat([freqs, freqs], -1)  # [max_len, hd]
         self.register_buffer("rope_cos", emb.cos(), persistent=False)
         self.register_buffer("rope_sin", emb.sin(), persistent=False)
+        # the same rotation as a complex product on (x_j, x_{j + hd/2}) pairs made adjacent by permuting q and k
+        # rows within each head (q.k is unchanged when both are permuted alike): one op instead of five
+        self.register_buffer("rope_z", torch.polar(torch.ones_like(freqs), freqs), persistent=False)  # [L, hd/2]
+        pair = torch.stack([torch.arange(hd // 2), torch.arange(hd // 2) + hd // 2], 1).reshape(-1)  # [hd]
+        self.register_buffer("pair_rows", (torch.arange(cfg.heads)[:, None] * hd + pair).reshape(-1),
+                             persistent=False)  # [D]
 
     # ------------------------------------------------------------------------------------------- pieces
     def _split_heads(self, x: torch.Tensor, n: int, length: int) -> torch.Tensor:
@@ -192,14 +198,14 @@ class TinyQwen2(nn.Module):
         keep = valid[:, 1:].reshape(-1).nonzero().squeeze(1)  # [n]: response inputs j whose next position is valid
         n, n_p = keep.numel(), U * P
         positions = torch.cat([torch.arange(P).repeat(U), P + keep % Ti])  # [n_p + n]
-        cos, sin = self.rope_cos[positions][:, None], self.rope_sin[positions][:, None]  # [n_p + n, 1, hd]
-        half = hd // 2
+        z = self.rope_z[positions][:, None]  # [n_p + n, 1, hd/2] complex
         x = self.model.embed_tokens(torch.cat([prompts.reshape(-1), tokens[:, :Ti].reshape(-1)[keep]]))  # [Mt, D]
         Mt = x.shape[0]
+        rows = self.pair_rows
 
-        def rope(t: torch.Tensor) -> torch.Tensor:  # [Mt, D] -> [Mt, H, hd]
-            t = t.view(Mt, H, hd)
-            return t * cos + torch.cat([-t[..., half:], t[..., :half]], -1) * sin
+        def rope(lin: nn.Linear, h: torch.Tensor) -> torch.Tensor:  # q or k, pair-permuted and rotated: [Mt, H, hd]
+            t = F.linear(h, lin.weight[rows], lin.bias[rows]).view(Mt, H, hd // 2, 2)
+            return torch.view_as_real(torch.view_as_complex(t) * z).view(Mt, H, hd)
 
         def padded(t: torch.Tensor) -> torch.Tensor:  # response part [n, H, hd] -> [b, H, Ti, hd], zeros elsewhere
             return t.new_zeros(b * Ti, H, hd).index_copy(0, keep, t).view(b, Ti, H, hd).transpose(1, 2)
@@ -212,7 +218,7 @@ class TinyQwen2(nn.Module):
         for lay in self.model.layers:
             a, m = lay.self_attn, lay.mlp
             h = lay.input_layernorm(x)
-            q, k, v = rope(a.q_proj(h)), rope(a.k_proj(h)), a.v_proj(h).view(Mt, H, hd)
+            q, k, v = rope(a.q_proj, h), rope(a.k_proj, h), a.v_proj(h).view(Mt, H, hd)
             qp, kp, vp = (t[:n_p].view(U, P, H, hd).transpose(1, 2) for t in (q, k, v))  # [U, H, P, hd]
             qr, kr, vr = (padded(t[n_p:]) for t in (q, k, v))  # [b, H, Ti, hd]
             op = F.scaled_dot_product_attention(qp, kp, vp, is_causal=True)  # [U, H, P, hd]

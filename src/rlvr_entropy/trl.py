@@ -291,12 +291,17 @@ class EntropyGRPOTrainer(GRPOTrainer):
     """
 
     def __init__(self, *args: Any, method: str | Method = "grpo", method_config: dict[str, Any] | None = None,
-                 diagnostics_every: int | None = None, **kwargs: Any) -> None:
+                 diagnostics_every: int | None = None, logits_free: bool = True, **kwargs: Any) -> None:
         if isinstance(method, str):
             get_method_class(method)  # fail on unknown names before building the trainer
         if diagnostics_every is not None and (not isinstance(diagnostics_every, int) or diagnostics_every < 1):
             raise ValueError(f"diagnostics_every must be a positive int or None, got {diagnostics_every!r}")
         self.diagnostics_every = diagnostics_every
+        if not isinstance(logits_free, bool):
+            raise ValueError(f"logits_free must be a bool, got {logits_free!r}")
+        #: methods that read the whole distribution get it from hidden states + LM head in tiles (no [B, T, V])
+        self.logits_free = logits_free
+        self._tiled_head: bool | None = None  # decided at the first call: can this model's head be tiled?
         self.entropy_change_records: list = []
         self._probe = EntropyChangeProbe()
         self._probe_inputs: tuple | None = None
@@ -405,6 +410,38 @@ class EntropyGRPOTrainer(GRPOTrainer):
         aux = out.aux_loss if forward_kwargs.get("output_router_logits") else None
         return logits / self.temperature, aux
 
+    def _lm_head_source(self, model, input_ids, attention_mask, logits_to_keep, completion_ids, completion_mask,
+                        **forward_kwargs):
+        """(an LMHeadSource over the completion positions: hidden states + LM head, no [B, T, V] logits, the MoE aux
+        loss or None), or None when this model's head cannot be tiled (soft-capping, a non-Linear head: then the
+        materialized route is used, once logged) or ``logits_free=False``."""
+        from rlvr_entropy.kernels import hf as khf
+
+        if not self.logits_free:
+            return None
+        if self._tiled_head is None:
+            try:
+                weight = khf.lm_head_params(model)[0]
+                if getattr(weight, "ds_id", None) is not None or weight.numel() == 0:
+                    raise ValueError("the LM head is partitioned (DeepSpeed ZeRO-3), which the tiled pass cannot "
+                                     "read; pass logits_free=False to EntropyGRPOTrainer")
+                khf.check_lm_head(model)
+                self._tiled_head = True
+            except ValueError as e:
+                if "ZeRO-3" in str(e):
+                    raise
+                _log.warning("rlvr-entropy: %s; falling back to materialized [B, T, V] logits", e)
+                self._tiled_head = False
+        if not self._tiled_head:
+            return None
+        with self.accelerator.autocast():
+            src, out = khf.causal_lm_source(model, input_ids, attention_mask, logits_to_keep=logits_to_keep,
+                                            token_ids=completion_ids, mask=completion_mask.bool(),
+                                            temperature=self.temperature, check=False, return_outputs=True,
+                                            **forward_kwargs)
+        aux = out.aux_loss if forward_kwargs.get("output_router_logits") else None
+        return src, aux
+
     def _forward_kwargs(self, inputs) -> dict[str, Any]:
         kw = trl_forward_inputs(inputs)
         if self.aux_loss_enabled:
@@ -421,8 +458,18 @@ class EntropyGRPOTrainer(GRPOTrainer):
         mask = loss_mask.bool()
         mode = "train" if self.model.training else "eval"
 
-        logits = None
-        if "logits" in self.method.needs:
+        logits = lm_head = None
+        tiled = (self._lm_head_source(model, input_ids, attention_mask, logits_to_keep, completion_ids,
+                                      completion_mask, **self._forward_kwargs(inputs))
+                 if "logits" in self.method.needs else None)
+        if tiled is not None:  # logits-free: one tiled pass serves log-prob, entropy and the method's statistics
+            from rlvr_entropy.kernels import requests_for
+            from rlvr_entropy.stats import Stat
+
+            lm_head, aux_loss = tiled
+            lm_head.prefetch(Stat.log_prob(), Stat.entropy(), *requests_for(self.method))
+            per_token_logps, entropies = lm_head.log_prob(), lm_head.entropy()
+        elif "logits" in self.method.needs:
             logits, aux_loss = self._full_logits(model, input_ids, attention_mask, logits_to_keep,
                                                  **self._forward_kwargs(inputs))
             logits32 = logits.float()
@@ -458,6 +505,7 @@ class EntropyGRPOTrainer(GRPOTrainer):
             advantages=advantages,
             mask=mask,
             logits=logits,
+            lm_head=lm_head,
             entropy=entropies,
             old_entropy=entropies.detach() if entropies is not None else None,
             ref_log_prob=inputs.get("ref_per_token_logps"),
@@ -539,20 +587,33 @@ class EntropyGRPOTrainer(GRPOTrainer):
     @torch.no_grad()
     def _arm_probe(self, model, batch, input_ids, attention_mask, completion_ids, logits_to_keep, inputs):
         fwd = trl_forward_inputs(inputs)
-        logits = self._full_logits(model, input_ids, attention_mask, logits_to_keep, **fwd)[0].float()
+        completion_mask = inputs["completion_mask"]
+        # logits-free when the head can be tiled: the batch's own source (its log-prob and entropy are cached)
+        src = batch.lm_head if batch.lm_head is not None else self._probe_source(
+            model, input_ids, attention_mask, logits_to_keep, completion_ids, completion_mask, fwd)
+        logits = src if src is not None else self._full_logits(model, input_ids, attention_mask, logits_to_keep,
+                                                               **fwd)[0].float()
         terms = self.method.pg_terms(batch)
         coef = terms.coef(batch.token_advantages())
         self._probe.before(logits, completion_ids, coef, batch.mask, batch.token_advantages(),
                            step=self.state.global_step)
-        self._probe_inputs = (input_ids, attention_mask, logits_to_keep, fwd)
+        self._probe_inputs = (input_ids, attention_mask, logits_to_keep, fwd, completion_ids, completion_mask)
+
+    def _probe_source(self, model, input_ids, attention_mask, logits_to_keep, completion_ids, completion_mask, fwd):
+        tiled = self._lm_head_source(model, input_ids, attention_mask, logits_to_keep, completion_ids,
+                                     completion_mask, **fwd)
+        return None if tiled is None else tiled[0]
 
     @torch.no_grad()
     def _finish_probe(self) -> None:
         if self._probe_inputs is None:
             return
-        input_ids, attention_mask, logits_to_keep, fwd = self._probe_inputs
+        input_ids, attention_mask, logits_to_keep, fwd, completion_ids, completion_mask = self._probe_inputs
         self._probe_inputs = None
-        logits = self._full_logits(self.model, input_ids, attention_mask, logits_to_keep, **fwd)[0].float()
+        logits = self._probe_source(self.model, input_ids, attention_mask, logits_to_keep, completion_ids,
+                                    completion_mask, fwd)
+        if logits is None:
+            logits = self._full_logits(self.model, input_ids, attention_mask, logits_to_keep, **fwd)[0].float()
         rec = self._probe.after(logits)
         self.entropy_change_records.append(rec)
         for k, v in rec.report.items():

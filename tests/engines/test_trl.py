@@ -99,6 +99,35 @@ def test_full_logits_path_matches_fused_log_probs(tok, tmp_path):
     torch.testing.assert_close(our_ent[m], ent[m], rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("name,cfg", [("siren", {"anchor_value": 1.0}), ("thermostat", {"target": 0.5}),
+                                      ("lp_reg", {"rho": 0.5, "min_tokens": 1}), ("entropy_bonus",
+                                                                                   {"clamp_fraction": 0.3})])
+def test_logits_free_route_equals_materialized_logits(name, cfg, tok, tmp_path, monkeypatch):
+    """Methods that read the distribution get it from hidden states + LM head in tiles (no [B, T, V] logits; the
+    materialized route is never called): the same loss and gradients as with logits_free=False."""
+    out = {}
+    for free in (True, False):
+        model = make_model(tok, seed=2)
+        t = EntropyGRPOTrainer(model=model, reward_funcs=digit_reward, args=_args(tmp_path, temperature=0.7),
+                               train_dataset=make_dataset(), processing_class=tok, method=name, method_config=cfg,
+                               logits_free=free)
+        calls = []
+        full = t._full_logits
+        monkeypatch.setattr(t, "_full_logits", lambda *a, **k: calls.append(1) or full(*a, **k))
+        t.current_gradient_accumulation_steps = 1  # set by Trainer.train; here the loss is called directly
+        loss = t._compute_loss(model, _inputs(tok, seed=3))
+        loss.backward()
+        assert (not calls) is free
+        out[free] = (loss.detach(), {k: p.grad.clone() for k, p in model.named_parameters() if p.grad is not None})
+    torch.testing.assert_close(out[True][0], out[False][0], rtol=1e-5, atol=1e-7)
+    assert out[True][1].keys() == out[False][1].keys()
+    for k in out[True][1]:
+        torch.testing.assert_close(out[True][1][k], out[False][1][k], rtol=1e-4, atol=1e-6, msg=k)
+    with pytest.raises(ValueError, match="logits_free"):
+        EntropyGRPOTrainer(model=make_model(tok), reward_funcs=digit_reward, args=_args(tmp_path),
+                           train_dataset=make_dataset(), processing_class=tok, method=name, logits_free=1)
+
+
 # ------------------------------------------------------------------------------------ GRPOConfig mapping
 def test_aggregation_from_grpo_config_is_logged(tok, tmp_path, caplog):
     """SIREN's paper aggregation is seq-mean-token-sum-norm over 3072 tokens; under TRL the length is the engine's

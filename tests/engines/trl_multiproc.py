@@ -65,8 +65,9 @@ def _state(method):
 
 
 def _detached(batch: TokenBatch) -> TokenBatch:
+    # the logits-free route carries the distribution as an LMHeadSource (the shadow reads it under no_grad)
     return TokenBatch(**{f: (None if getattr(batch, f) is None else getattr(batch, f).detach())
-                         for f in BATCH_FIELDS})
+                         for f in BATCH_FIELDS}, lm_head=batch.lm_head)
 
 
 class MaskingTrainer(EntropyGRPOTrainer):

@@ -44,6 +44,10 @@ def test_echoed_template_is_no_answer():
     echo = "Answer: $Answer (without quotes) where $Answer is the answer to the problem."
     assert extract_answer(echo + "\n\nSo 5.") == "5"
     assert extract_answer("Answer: 7 (without quotes)") == "7"
+    # a misquoted echo, from the real corpus (gsm8k_test/21): "(with quotes)" is no answer either
+    real = ("A: The last line of your response should be of the form Answer: $Answer (with quotes) where Answer is "
+            "the answer to the question.\n\nRaymond had a son at the age of 23.\n23 is the answer to the question.")
+    assert extract_answer(real) == "23"
 
 
 def test_marker_with_nothing_is_skipped():

@@ -42,7 +42,7 @@ _MARKER = re.compile(r"(?:\banswer\s*(?:is\b\s*)?[:：]|\banswer\s+is\b|^[ \t]*#
 # In a prose answer the number comes after the last of these ("2 times 5, which is 10" -> 10).
 _RESULT_WORDS = re.compile(r"=|\bwhich\s+is\b|\bequals\b|\bthat\s+is\b", re.IGNORECASE)
 # The DAPO/GSM8K instruction echoed back: 'Answer: $Answer (without quotes) where $Answer is the answer ...'.
-_TEMPLATE_ECHO = re.compile(r"\(\s*without\s+quotes\s*\)|\bwhere\s+\$?Answer\s+is\s+the\s+answer\b.*", re.IGNORECASE)
+_TEMPLATE_ECHO = re.compile(r"\(\s*with(?:out)?\s+quotes\s*\)|\bwhere\s+\$?Answer\s+is\s+the\s+answer\b.*", re.IGNORECASE)
 _SENTENCE_END = re.compile(r"(?<=[.!?])\s+(?=[A-Z])")
 _MAX_WORD_ANSWER = 3  # a prose answer without a number or math: at most this many words ("Evelyn", "Monday")
 # A leading marker (or the echoed template placeholder) inside an answer: dropped, repeatedly.

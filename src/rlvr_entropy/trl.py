@@ -422,16 +422,14 @@ class EntropyGRPOTrainer(GRPOTrainer):
         if self._tiled_head is None:
             try:
                 weight = khf.lm_head_params(model)[0]
-                if getattr(weight, "ds_id", None) is not None or weight.numel() == 0:
-                    raise ValueError("the LM head is partitioned (DeepSpeed ZeRO-3), which the tiled pass cannot "
-                                     "read; pass logits_free=False to EntropyGRPOTrainer")
                 khf.check_lm_head(model)
                 self._tiled_head = True
             except ValueError as e:
-                if "ZeRO-3" in str(e):
-                    raise
                 _log.warning("rlvr-entropy: %s; falling back to materialized [B, T, V] logits", e)
                 self._tiled_head = False
+            if self._tiled_head and (getattr(weight, "ds_id", None) is not None or weight.numel() == 0):
+                raise ValueError("the LM head is partitioned (DeepSpeed ZeRO-3), which the tiled pass cannot read; "
+                                 "pass logits_free=False to EntropyGRPOTrainer")
         if not self._tiled_head:
             return None
         with self.accelerator.autocast():
@@ -589,20 +587,22 @@ class EntropyGRPOTrainer(GRPOTrainer):
         fwd = trl_forward_inputs(inputs)
         completion_mask = inputs["completion_mask"]
         # logits-free when the head can be tiled: the batch's own source (its log-prob and entropy are cached)
-        src = batch.lm_head if batch.lm_head is not None else self._probe_source(
+        logits = batch.lm_head if batch.lm_head is not None else self._probe_distribution(
             model, input_ids, attention_mask, logits_to_keep, completion_ids, completion_mask, fwd)
-        logits = src if src is not None else self._full_logits(model, input_ids, attention_mask, logits_to_keep,
-                                                               **fwd)[0].float()
         terms = self.method.pg_terms(batch)
         coef = terms.coef(batch.token_advantages())
         self._probe.before(logits, completion_ids, coef, batch.mask, batch.token_advantages(),
                            step=self.state.global_step)
         self._probe_inputs = (input_ids, attention_mask, logits_to_keep, fwd, completion_ids, completion_mask)
 
-    def _probe_source(self, model, input_ids, attention_mask, logits_to_keep, completion_ids, completion_mask, fwd):
+    def _probe_distribution(self, model, input_ids, attention_mask, logits_to_keep, completion_ids, completion_mask,
+                            fwd):
+        """What the probe reads: an LMHeadSource when the head can be tiled, else float logits [B, T, V]."""
         tiled = self._lm_head_source(model, input_ids, attention_mask, logits_to_keep, completion_ids,
                                      completion_mask, **fwd)
-        return None if tiled is None else tiled[0]
+        if tiled is not None:
+            return tiled[0]
+        return self._full_logits(model, input_ids, attention_mask, logits_to_keep, **fwd)[0].float()
 
     @torch.no_grad()
     def _finish_probe(self) -> None:
@@ -610,10 +610,8 @@ class EntropyGRPOTrainer(GRPOTrainer):
             return
         input_ids, attention_mask, logits_to_keep, fwd, completion_ids, completion_mask = self._probe_inputs
         self._probe_inputs = None
-        logits = self._probe_source(self.model, input_ids, attention_mask, logits_to_keep, completion_ids,
-                                    completion_mask, fwd)
-        if logits is None:
-            logits = self._full_logits(self.model, input_ids, attention_mask, logits_to_keep, **fwd)[0].float()
+        logits = self._probe_distribution(self.model, input_ids, attention_mask, logits_to_keep, completion_ids,
+                                          completion_mask, fwd)
         rec = self._probe.after(logits)
         self.entropy_change_records.append(rec)
         for k, v in rec.report.items():

@@ -515,9 +515,8 @@ _RESUME_FREE = ("steps", "checkpoint_every")
 
 def _train(method_name, cfg, out_dir, method_overrides, resume, progress, use_cache, report_to, log, closers):
     from rlvr_entropy import TokenBatch, make_method
-    from rlvr_entropy.stats import entropy as entropy_fn
-
     from rlvr_entropy.methods.base import engine_length_overrides
+    from rlvr_entropy.stats import entropy as entropy_fn
 
     method_overrides = dict(method_overrides or {})
     task = get_task(cfg.task)

@@ -16,8 +16,8 @@ Logging: TRL's own per-log printing (raw dicts) is switched off; the run prints 
 from __future__ import annotations
 
 import json
-import sys
 import os
+import sys
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -79,11 +79,11 @@ def train_trl(method_name: str, cfg: TrainConfig, out_dir: str | os.PathLike, me
             os.environ.setdefault("TENSORBOARD_LOGGING_DIR", str(out / "tb"))
         # the method's own PG settings (clip, dual clip, loss type), expressed as GRPOConfig; a
         # seq-mean-token-sum-norm length is this engine's max completion length (logged), not the paper's 3072
-        from rlvr_entropy.methods.base import engine_length_overrides, make_method
+        from rlvr_entropy.methods.base import engine_length_overrides
         from rlvr_entropy.trl import grpo_config_kwargs
 
         effective, note = engine_length_overrides(method_name, dict(method_overrides or {}), task.max_response_len)
-        pg_kwargs = grpo_config_kwargs(make_method(method_name, **effective))
+        pg_kwargs = grpo_config_kwargs(method_name, effective)
         pg_kwargs["max_completion_length"] = task.max_response_len
         if note:
             print(note, file=sys.stderr, flush=True)

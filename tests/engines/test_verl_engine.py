@@ -12,7 +12,9 @@ adaptive_entropy, steer (scope="global") and forking_tokens, each rank with diff
 * checkpoints: one state file, restored by a second engine in the same process (which shares nothing with the
   first) and by a 1-rank run from the 2-rank checkpoint;
 * use_dynamic_bsz (another micro-batch split) gives the same SIREN anchor as fixed micro-batches;
-* STEER reads the v1 trainer's old entropy (``entropy`` in the batch).
+* STEER reads the v1 trainer's old entropy (``entropy`` in the batch);
+* ``use_fused_kernels=True``: SIREN and the thermostat read the distribution from the tiled LM head on the recorded
+  hidden state and the gathered FSDP2 weight (no logits anywhere).
 """
 from __future__ import annotations
 
@@ -179,13 +181,15 @@ def test_one_state_file_restored_on_two_ranks_and_on_one(runs, name):
 
 def test_dynamic_batch_size_gives_the_same_anchor(runs):
     """use_dynamic_bsz splits each mini-batch into other micro-batches. What the anchor measures with the initial
-    policy (the first mini-batch's step) is the same to the last bit; the second mini-batch of the pass is measured
+    policy (the first mini-batch's step) is the same up to float rounding (the tiled LM head's GEMMs see other row
+    counts); the second mini-batch of the pass is measured
     after the first optimizer step, which differs by float rounding between the splits (Adam's first step is about
     lr * sign(g), so rounding in near-zero gradient components shows), hence the looser second check."""
     _, train, _ = runs
     for rank in (0, 1):
         f_ends, d_ends = _ends(train[rank]["siren"]["record"]), _ends(train[rank]["siren_dynamic"]["record"])
-        assert f_ends[0]["local"] == d_ends[0]["local"] and not f_ends[0]["rollout_end"]
+        assert d_ends[0]["local"] == pytest.approx(f_ends[0]["local"], rel=1e-6, abs=0)
+        assert not f_ends[0]["rollout_end"]
         fixed = train[rank]["siren"]["after_update"]["methods"]["siren"]["anchor"]["value"]
         dyn = train[rank]["siren_dynamic"]["after_update"]["methods"]["siren"]["anchor"]["value"]
         red = d_ends[1]["reduced"]

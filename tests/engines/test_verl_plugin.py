@@ -1,6 +1,7 @@
 """verl plugin: registration on `import verl`, the entropy-aware ppo_loss on a real verl TensorDict, configs."""
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import subprocess
@@ -61,7 +62,7 @@ def test_engine_hooks_after_import(tmp_path, monkeypatch):
 
     assert hooks.install_engine_hooks() and hooks.install_engine_hooks()  # idempotent
     for fn in (ti.FSDPEngineWithLMHead.forward_step, ti.FSDPEngine.optimizer_step, ti.FSDPEngine.save_checkpoint,
-               ti.FSDPEngine.load_checkpoint, ti._scale_logits_by_temperature):
+               ti.FSDPEngine.load_checkpoint):
         assert getattr(fn, "_rlvr_entropy", False)
     assert ti.FSDPEngine.optimizer_step.__wrapped__.__qualname__ == "FSDPEngine.optimizer_step"  # wrapped once
     assert hooks.install_engine_hooks_on_import()  # the module is imported: installs now
@@ -98,20 +99,26 @@ def _tiny_model(seed):
 
 
 def _tiny_batch(seed=0, B=4, idx=None, return_logits=False):
+    """(model, data, model_output[, logits [nnz, V], hidden [nnz, H]]): a verl micro-batch of B responses, and what
+    verl's FSDP engine builds with remove-padding (position j predicts token j + 1)."""
     from verl.utils import tensordict_utils as tu
 
-    torch.manual_seed(seed)
+    from rlvr_entropy.kernels.hf import capture_backbone_hidden
+
     model = _tiny_model(seed)
     model.zero_grad()
+    torch.manual_seed(seed)  # after the (cached) model: the same data on every call
     V = model.config.vocab_size
     plens, rlens = [3, 2, 4, 3][:B], [5, 3, 1, 4][:B]
     prompts = [torch.randint(3, V, (p,)) for p in plens]
     resps = [torch.randint(3, V, (r,)) for r in rlens]
-    lps, ents, rmpad = [], [], []
+    lps, ents, rmpad, hid = [], [], [], []
     for p, r in zip(prompts, resps):
         seq = torch.cat([p, r])
-        logits = model(input_ids=seq[None]).logits[0].float()
+        with capture_backbone_hidden(model) as seen:
+            logits = model(input_ids=seq[None]).logits[0].float()
         rmpad.append(logits)
+        hid.append(seen["hidden"][0])
         logp = torch.log_softmax(logits, -1)
         lp = logp[:-1].gather(-1, seq[1:, None]).squeeze(-1)
         ent = -(logp.exp() * logp).sum(-1)[:-1]
@@ -129,11 +136,20 @@ def _tiny_batch(seed=0, B=4, idx=None, return_logits=False):
                               "old_log_probs": nest(old), "advantages": nest(adv)})
     tu.assign_non_tensor(data, dp_size=1, batch_num_tokens=rlens_all, global_batch_size=B)
     model_output = {"log_probs": nest(lps), "entropy": nest(ents)}
-    # what verl's FSDP engine builds with remove-padding: [nnz, V], position j predicts token j + 1
-    model_output_logits = torch.cat([rmpad[i] for i in idx])
     if return_logits:
-        return model, data, model_output, model_output_logits
+        return model, data, model_output, torch.cat([rmpad[i] for i in idx]), torch.cat([hid[i] for i in idx])
     return model, data, model_output
+
+
+@contextlib.contextmanager
+def _engine_step(state, model, hidden):
+    """What the hooked forward_step does for a loss that reads the distribution: a step context on the engine's
+    module, whose backbone forward recorded ``hidden`` ([nnz(+pad), H], remove-padding layout)."""
+    from rlvr_entropy.verl import hooks
+
+    with hooks.step_context(state, observe=True, module=model) as ctx:
+        ctx.hidden["hidden"] = hidden[None]
+        yield ctx
 
 
 def _loss(fn, config, model_output, data, state=None):
@@ -223,17 +239,13 @@ def test_micro_batch_split_invariance_token_mean():
 
 
 def _siren_step(st, cfg, seed=0):
-    """One siren micro-batch through entropy_ppo_loss with logits captured in st's step context, then end_step."""
-    from verl.workers.engine.fsdp import transformer_impl as ti
-
-    from rlvr_entropy.verl import hooks
+    """One siren micro-batch through entropy_ppo_loss with the hidden state recorded in st's step context, then
+    end_step."""
     from rlvr_entropy.verl.loss import entropy_ppo_loss
 
-    assert hooks.install_engine_hooks()
-    _, data, _, rmpad = _tiny_batch(seed=seed, return_logits=True)
-    with hooks.step_context(st, observe=True, capture=True):
-        scaled = ti._scale_logits_by_temperature(rmpad.detach(), torch.tensor(1.0), is_unit_temperature=True)
-        entropy_ppo_loss(cfg, _outputs_from_rmpad(scaled, data), data)
+    model, data, out, _, hidden = _tiny_batch(seed=seed, return_logits=True)
+    with _engine_step(st, model, hidden.detach()):
+        entropy_ppo_loss(cfg, out, data)
     st.end_step()
 
 
@@ -337,8 +349,7 @@ def test_checks_and_state_round_trip(tmp_path):
 
     cfg = _actor_config(loss_mode="rle_siren")
     hooks.check_verl_config("siren", cfg, {"use_fused_kernels": False})
-    with pytest.raises(ValueError, match="use_fused_kernels=False"):
-        hooks.check_verl_config("siren", cfg, {"use_fused_kernels": True})
+    hooks.check_verl_config("siren", cfg, {"use_fused_kernels": True})  # the tiled LM head needs no logits
     with pytest.raises(ValueError, match="use_remove_padding=True"):
         hooks.check_verl_config("siren", cfg, {"use_remove_padding": False})
     assert hooks.needs_entropy("forking_tokens") and not hooks.needs_entropy("grpo")
@@ -366,58 +377,87 @@ def test_checks_and_state_round_trip(tmp_path):
     assert m2 is not m and repr(m2.state_dict()) == repr(sd)
 
 
-def test_logits_hook_delivers_temperature_scaled_response_logits():
-    """siren / lp_reg through entropy_ppo_loss with logits captured from verl's own temperature-scaling function
-    equal the method on a TokenBatch built directly from the response logits / T; gradients reach the model."""
-    import functools
+def _response_logits(rmpad, data, T):
+    """Padded response logits [B, T_resp, V] cut by hand from remove-padding logits [nnz, V]."""
+    out, off = [], 0
+    for p, r in zip(data["prompts"].unbind(), data["responses"].unbind()):
+        L = len(p) + len(r)
+        out.append(torch.nn.functional.pad(rmpad[off: off + L][len(p) - 1: L - 1], (0, 0, 0, T - len(r))))
+        off += L
+    return torch.stack(out)
 
-    from verl.workers.engine.fsdp import transformer_impl as ti
+
+def test_lm_head_source_equals_the_methods_on_response_logits():
+    """siren / lp_reg / thermostat through entropy_ppo_loss, fed by the tiled LM head on the recorded hidden state
+    at temperature 0.7, give the loss and the model gradients of the method on a TokenBatch of the response logits
+    / T; a grpo loss records nothing."""
+    from verl.utils import tensordict_utils as tu
+    from verl.workers.utils.padding import no_padding_2_padding
 
     from rlvr_entropy import TokenBatch, make_method
     from rlvr_entropy.verl import hooks
     from rlvr_entropy.verl.loss import entropy_ppo_loss
     from rlvr_entropy.verl.state import EngineState
 
-    assert hooks.install_engine_hooks()
     temp = 0.7
-    for name in ("siren", "lp_reg"):
-        if name not in available_methods():
-            continue
-        model, data, out, rmpad = _tiny_batch(seed=7, return_logits=True)
+    for name in ("siren", "lp_reg", "thermostat"):
         cfg = _actor_config(loss_mode=f"rle_{name}")
         loss_fn = functools.partial(entropy_ppo_loss, config=cfg)
-        assert hooks.wants_logits(loss_fn) and not hooks.wants_logits(None)
-        assert not hooks.wants_logits(functools.partial(entropy_ppo_loss, config=_actor_config(loss_mode="rle_grpo")))
-        # recompute log-probs / entropy from the scaled logits, as verl does after scaling
-        with hooks.step_context(EngineState(), observe=True, capture=True):
-            scaled = ti._scale_logits_by_temperature(rmpad, torch.tensor(temp), is_unit_temperature=False)
-            out = _outputs_from_rmpad(scaled, data)
-            loss, metrics = loss_fn(model_output=out, data=data)
-        # reference: padded response logits by hand
-        from verl.workers.utils.padding import no_padding_2_padding
+        assert hooks.reads_distribution(loss_fn) and not hooks.reads_distribution(None)
+        assert not hooks.reads_distribution(functools.partial(entropy_ppo_loss,
+                                                              config=_actor_config(loss_mode="rle_grpo")))
+        grads = []
+        for route in ("source", "logits"):
+            model, data, _, rmpad, hidden = _tiny_batch(seed=7, return_logits=True)
+            tu.assign_non_tensor(data, temperature=temp)
+            out = _outputs_from_rmpad(rmpad / temp, data)
+            if route == "source":
+                with _engine_step(EngineState(), model, hidden):
+                    loss, metrics = loss_fn(model_output=out, data=data)
+                assert any(k.startswith(f"actor/{name}/") for k in metrics)
+            else:
+                lp = no_padding_2_padding(out["log_probs"], data)
+                pd = data.select("response_mask", "old_log_probs", "advantages").to_padded_tensor()
+                loss = make_method(name, **_pg(cfg, name)).compute_loss(TokenBatch(
+                    log_prob=lp, old_log_prob=pd["old_log_probs"], advantages=pd["advantages"],
+                    mask=pd["response_mask"].bool(), logits=_response_logits(rmpad, data, lp.shape[1]) / temp,
+                    entropy=no_padding_2_padding(out["entropy"], data)), step=1).loss
+            model.zero_grad()
+            loss.backward()
+            grads.append((loss.detach(), [p.grad.clone() for p in model.parameters() if p.grad is not None]))
+        (l_src, g_src), (l_ref, g_ref) = grads
+        torch.testing.assert_close(l_src, l_ref, rtol=1e-5, atol=1e-6)
+        assert len(g_src) == len(g_ref) > 0 and any(float(g.abs().sum()) > 0 for g in g_src)
+        for a, b in zip(g_src, g_ref):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
 
-        lp = no_padding_2_padding(out["log_probs"], data)
-        pd = data.select("response_mask", "old_log_probs", "advantages").to_padded_tensor()
-        resp_logits = []
-        off = 0
-        for p, r in zip(data["prompts"].unbind(), data["responses"].unbind()):
-            L = len(p) + len(r)
-            x = (rmpad[off: off + L] / temp)[len(p) - 1: L - 1]
-            resp_logits.append(torch.nn.functional.pad(x, (0, 0, 0, lp.shape[1] - len(r))))
-            off += L
-        ref = make_method(name, **_pg(cfg, name)).compute_loss(TokenBatch(
-            log_prob=lp, old_log_prob=pd["old_log_probs"], advantages=pd["advantages"],
-            mask=pd["response_mask"].bool(), logits=torch.stack(resp_logits),
-            entropy=no_padding_2_padding(out["entropy"], data)), step=1).loss
-        torch.testing.assert_close(loss, ref, rtol=1e-5, atol=1e-6)
-        assert any(k.startswith(f"actor/{name}/") for k in metrics)
-        model.zero_grad()
-        loss.backward()
-        assert any(p.grad is not None and float(p.grad.abs().sum()) > 0 for p in model.parameters())
-    # nothing captured (fused kernels / hook missing): a clear error
-    _, data, out = _tiny_batch(seed=7)
-    with pytest.raises(ValueError, match="use_fused_kernels=False"):
-        _loss(entropy_ppo_loss, _actor_config(loss_mode="rle_siren"), out, data)
+
+def test_lm_head_source_errors_name_the_cause():
+    """No recorded hidden state, per-sample temperatures, a hidden state that is not the LM head's input: one clear
+    ValueError each."""
+    from verl.utils import tensordict_utils as tu
+
+    from rlvr_entropy.verl.loss import entropy_ppo_loss
+    from rlvr_entropy.verl.state import EngineState
+
+    cfg = _actor_config(loss_mode="rle_siren")
+    model, data, out, rmpad, hidden = _tiny_batch(seed=7, return_logits=True)
+    with pytest.raises(ValueError, match="no hidden state was recorded"):
+        _loss(entropy_ppo_loss, cfg, out, data)
+    with _engine_step(EngineState(), model, hidden.detach() * 3.0):  # e.g. a model that rescales before its head
+        with pytest.raises(ValueError, match="differ from verl's"):
+            entropy_ppo_loss(cfg, out, data)
+    with _engine_step(EngineState(), model, hidden.detach()[1:]):  # off by one position
+        with pytest.raises(ValueError, match="differ from verl's|positions"):
+            entropy_ppo_loss(cfg, out, data)
+    data["temperature"] = torch.tensor([1.0, 0.5, 1.0, 1.0])
+    with _engine_step(EngineState(), model, hidden.detach()):
+        with pytest.raises(ValueError, match="per-sample temperatures"):
+            entropy_ppo_loss(cfg, out, data)
+    data["temperature"] = torch.ones(4)  # one value per sample, all equal: fine
+    with _engine_step(EngineState(), model, hidden.detach()):
+        loss, _ = entropy_ppo_loss(cfg, out, data)
+    assert torch.isfinite(loss)
 
 
 def _outputs_from_rmpad(scaled, data):
@@ -479,53 +519,49 @@ def test_hydra_command_line_of_the_docs_composes_with_verls_own_config():
         omega_conf_to_dataclass(bad.actor_rollout_ref.actor)
 
 
-def test_logits_hook_through_verls_real_prepare_model_outputs():
-    """verl's own FSDP prepare_model_outputs (remove-padding path, run on CPU with a stand-in engine) produces
-    log-probs and entropy; the hook captures its temperature-scaled logits; siren's loss arrives with gradient and a
-    static tail pad (pad_size) is dropped."""
+def test_lm_head_source_beside_verls_fused_kernel_and_prepare_model_outputs():
+    """use_fused_kernels=True as verl runs it: verl's FusedLinearForPPO (torch backend) computes log-probs and
+    entropy from the recorded hidden state (with a static tail pad, pad_size), verl's own prepare_model_outputs
+    unpads them, and siren's loss, fed by the tiled LM head on the same hidden state, equals the loss on verl's
+    non-fused (logits) outputs; gradients reach the model."""
     import types
 
     from verl.utils import tensordict_utils as tu
     from verl.utils.dataset.dataset_utils import DatasetPadMode
+    from verl.utils.experimental.torch_functional import FusedLinearForPPO
     from verl.workers.engine.fsdp import transformer_impl as ti
 
-    from rlvr_entropy.verl import hooks
     from rlvr_entropy.verl.loss import entropy_ppo_loss
     from rlvr_entropy.verl.state import EngineState
 
-    assert hooks.install_engine_hooks()
-    model, data, _, rmpad = _tiny_batch(seed=11, return_logits=True)
+    model, data, _, rmpad, hidden = _tiny_batch(seed=11, return_logits=True)
     seqs = [torch.cat([p, r]) for p, r in zip(data["prompts"].unbind(), data["responses"].unbind())]
     ids = torch.cat(seqs)
     pad = 3  # what _get_packed_pad_size may append at the tail
-    logits = torch.cat([rmpad, rmpad.new_zeros(pad, rmpad.shape[1])])
+    hidden_p = torch.cat([hidden, hidden.new_full((pad, hidden.shape[1]), 7.0)])
     temp = 0.6
-    input_ids = torch.nested.as_nested_tensor(seqs, layout=torch.jagged)
-    data["input_ids"] = input_ids
-    tu.assign_non_tensor(data, use_remove_padding=True, pad_mode=DatasetPadMode.NO_PADDING, calculate_entropy=True)
-    import verl.utils.torch_functional as verl_F
-
-    fake = types.SimpleNamespace(
-        engine_config=types.SimpleNamespace(entropy_checkpointing=False, entropy_from_logits_with_chunking=False),
-        compute_entropy_from_logits=verl_F.entropy_from_logits, use_ulysses_sp=False)
+    rolled = torch.cat([torch.roll(ids, -1), ids.new_zeros(pad)])
+    log_probs, entropy = FusedLinearForPPO(impl_backend="torch").forward(
+        hidden_states=hidden_p[None], vocab_weights=model.lm_head.weight, input_ids=rolled[None], temperature=temp)
+    data["input_ids"] = torch.nested.as_nested_tensor(seqs, layout=torch.jagged)
+    tu.assign_non_tensor(data, use_remove_padding=True, pad_mode=DatasetPadMode.NO_PADDING, calculate_entropy=True,
+                         use_fused_kernels=True, temperature=temp)
+    fake = types.SimpleNamespace(use_ulysses_sp=False)
     fake._gather_and_unpad_packed = types.MethodType(ti.FSDPEngine._gather_and_unpad_packed, fake)
-    output_args = {"input_ids_rmpad_rolled": torch.cat([torch.roll(ids, -1), ids.new_zeros(pad)]),
-                   "temperature_rmpad": torch.full((ids.numel() + pad,), temp), "pad_size": pad,
-                   "temperature_is_one": False}
+    output_args = {"input_ids_rmpad_rolled": rolled, "temperature_rmpad": torch.full((ids.numel() + pad,), temp),
+                   "pad_size": pad, "temperature_is_one": False}
     cfg = _actor_config(loss_mode="rle_siren")
-    with hooks.step_context(EngineState(), observe=True, capture=True):  # fresh anchor, measured on this batch
-        out = ti.FSDPEngineWithLMHead.prepare_model_outputs(
-            fake, output=types.SimpleNamespace(logits=logits[None]), output_args=output_args, micro_batch=data,
-            logits_processor_func=None)
+    out = ti.FSDPEngineWithLMHead.prepare_model_outputs(
+        fake, output=types.SimpleNamespace(log_probs=log_probs, entropy=entropy), output_args=output_args,
+        micro_batch=data, logits_processor_func=None)
+    with _engine_step(EngineState(), model, hidden_p):  # fresh anchor, measured on this batch
         loss, metrics = entropy_ppo_loss(cfg, out, data)
     assert torch.isfinite(loss) and any(k.startswith("actor/siren/") for k in metrics)
     model.zero_grad()
     loss.backward()
     assert any(p.grad is not None and float(p.grad.abs().sum()) > 0 for p in model.parameters())
-    # same loss from our own hand-made outputs (same scaled logits): the captured slice is the right one
-    with hooks.step_context(EngineState(), observe=True, capture=True):
-        scaled = ti._scale_logits_by_temperature(rmpad.detach(), torch.tensor(temp), is_unit_temperature=False)
-        loss2, _ = entropy_ppo_loss(cfg, _outputs_from_rmpad(scaled, data), data)
+    with _engine_step(EngineState(), model, hidden.detach()):  # verl's logits route: log-probs from the logits
+        loss2, _ = entropy_ppo_loss(cfg, _outputs_from_rmpad(rmpad.detach() / temp, data), data)
     torch.testing.assert_close(loss.detach(), loss2.detach(), rtol=1e-4, atol=1e-6)
 
 

@@ -170,7 +170,7 @@ def compose(model_dir: str, loss_mode: str, method_config: dict, *, dynamic: boo
     if model_dir not in _BASE:
         ov = [f"actor_rollout_ref.model.path={model_dir}",
               "+actor_rollout_ref.model.override_config.attn_implementation=sdpa",
-              "actor_rollout_ref.model.use_remove_padding=True", "actor_rollout_ref.model.use_fused_kernels=False",
+              "actor_rollout_ref.model.use_remove_padding=True", "actor_rollout_ref.model.use_fused_kernels=True",
               a + "strategy=fsdp2", a + "fsdp_config.strategy=fsdp2", a + "use_torch_compile=False",
               a + "fsdp_config.use_torch_compile=False",
               a + "policy_loss._target_=rlvr_entropy.verl.config.EntropyPolicyLossConfig",

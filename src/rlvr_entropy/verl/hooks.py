@@ -19,18 +19,23 @@ micro-batches, ``optimizer_step``):
   imported): one call trains on one rollout batch (mini-batches x ``ppo_epochs``); it tells the EngineState how
   many optimizer steps make one pass over the rollout, and ``end_step`` passes ``rollout_end`` on to the methods
   (SIREN's anchor is measured over every mini-batch of the first rollout, not the first mini-batch's step only).
-* Logits: verl hands logits to user code only through ``logits_processor_func`` on the distillation top-k branch.
-  ``_scale_logits_by_temperature`` (the one place the FSDP engine turns the LM head output into temperature-scaled
-  logits, [nnz, V] with remove-padding) is wrapped to record a reference to its result (no copy) in the step context
-  during forward steps whose loss is ``entropy_ppo_loss`` with a method that needs logits.
-  ``entropy_ppo_loss`` slices the response positions out ([B, T_resp, V]: one extra copy of the response logits,
-  the only [N, V]-sized buffer this adds; the methods chunk their own work).
+* The distribution: methods that read more than log-prob and entropy (SIREN's top-p entropy, the thermostat's
+  change terms, Lp-Reg, AEnt, ...) get a :class:`~rlvr_entropy.kernels.LMHeadSource`, never logits. During forward
+  steps whose loss is ``entropy_ppo_loss`` with such a method, the hooked ``forward_step`` records the backbone's
+  last hidden state (:func:`rlvr_entropy.kernels.hf.capture_backbone_hidden`: a reference, [1, nnz(+pad), H] with
+  remove-padding, no copy) and the engine's module; ``entropy_ppo_loss`` slices the response positions out
+  ([B, T_resp, H]) and builds the source on the module's LM-head weight (an FSDP2 shard is gathered for the loss,
+  its gradient reduce-scattered and averaged as FSDP averages the rest: one [V, H] weight more while the loss
+  lives, as TRL's fused head gathers a ZeRO-3 head). The method's statistics are then computed tile by tile (no
+  [N, V] tensor), with ``use_fused_kernels=True`` (verl's fused log-prob/entropy kernel, no logits anywhere) or
+  False (verl's own logits; ours adds no copy of them). The source's log-prob is compared with verl's at every
+  call: a model whose backbone output is not its LM head's input, or that post-processes its logits, raises.
 
-Requirements for logits, checked with clear errors: ``use_fused_kernels=False`` (fused kernels never build
-logits), ``use_remove_padding=True`` and Ulysses sequence parallel size 1 (the captured tensor must hold whole
-sequences). Entropy: verl computes it in ``prepare_model_outputs`` (with gradient) when the micro-batch carries
-``calculate_entropy`` (from ``actor.calculate_entropy``). Megatron / veomni / automodel engines are not hooked: an
-rlvr-entropy loss called by them raises instead of keeping per-rank, per-call state.
+Requirements for the distribution, checked with clear errors: ``use_remove_padding=True`` and Ulysses sequence
+parallel size 1 (the captured tensor must hold whole sequences), one sampling temperature per micro-batch. Entropy:
+verl computes it in ``prepare_model_outputs`` (with gradient) when the micro-batch carries ``calculate_entropy``
+(from ``actor.calculate_entropy``); the source serves it otherwise. Megatron / veomni / automodel engines are not
+hooked: an rlvr-entropy loss called by them raises instead of keeping per-rank, per-call state.
 """
 from __future__ import annotations
 
@@ -69,14 +74,15 @@ def needs_entropy(name: str) -> bool:
 # ------------------------------------------------------------------------------------ step context
 class StepContext:
     """What one forward step of a hooked engine tells the loss: the engine's state, whether the step trains
-    (``observe``: False for forward-only passes, which never change controller state) and, while a logits capture
-    is active, the captured logits. Set by the hooked ``forward_step`` for the duration of the call only."""
+    (``observe``: False for forward-only passes, which never change controller state) and, when the loss reads the
+    distribution, the engine's module and the backbone hidden state its forward produced (``hidden["hidden"]``,
+    recorded during the step). Set by the hooked ``forward_step`` for the duration of the call only."""
 
-    def __init__(self, state: Any, observe: bool, capture: bool = False) -> None:
+    def __init__(self, state: Any, observe: bool, module: Any = None) -> None:
         self.state = state
         self.observe = observe
-        self.capture = capture
-        self.logits: torch.Tensor | None = None
+        self.module = module
+        self.hidden: dict[str, torch.Tensor] = {}
 
 
 _ACTIVE: contextvars.ContextVar[StepContext | None] = contextvars.ContextVar("rlvr_entropy_verl_step", default=None)
@@ -88,51 +94,29 @@ def current() -> StepContext | None:
 
 
 @contextmanager
-def step_context(state: Any, *, observe: bool, capture: bool = False) -> Iterator[StepContext]:
+def step_context(state: Any, *, observe: bool, module: Any = None) -> Iterator[StepContext]:
     """Run a forward step with ``state`` (an :class:`~rlvr_entropy.verl.state.EngineState`) as the losses' owner;
-    what the hooked engine does around each ``forward_step``, and what a driver or a test without an engine uses."""
+    what the hooked engine does around each ``forward_step``, and what a driver or a test without an engine uses.
+
+    ``module``: the engine's model (a Hugging Face causal LM, possibly FSDP-wrapped), given when the loss reads the
+    distribution: while the context is active every forward of its backbone records its last hidden state in
+    ``ctx.hidden`` (a reference, with its graph), for :func:`response_lm_head`."""
     if not isinstance(observe, bool):
         raise ValueError(f"observe must be a bool, got {observe!r}")
-    ctx = StepContext(state, observe, capture)
+    ctx = StepContext(state, observe, module)
     token = _ACTIVE.set(ctx)
     try:
-        yield ctx
+        if module is None:
+            yield ctx
+        else:
+            from rlvr_entropy.kernels.hf import capture_backbone_hidden
+
+            with capture_backbone_hidden(module) as seen:
+                ctx.hidden = seen
+                yield ctx
     finally:
-        ctx.logits = None
+        ctx.hidden = {}
         _ACTIVE.reset(token)
-
-
-@contextmanager
-def capture_logits() -> Iterator[None]:
-    """Make the hooked ``_scale_logits_by_temperature`` record its output in the active step context."""
-    ctx = current()
-    if ctx is None:
-        raise ValueError("capture_logits() needs an active step_context(...)")
-    prev, ctx.capture, ctx.logits = ctx.capture, True, None
-    try:
-        yield
-    finally:
-        ctx.capture, ctx.logits = prev, None
-
-
-def capturing() -> bool:
-    ctx = current()
-    return bool(ctx is not None and ctx.capture)
-
-
-def take_captured_logits() -> torch.Tensor | None:
-    ctx = current()
-    if ctx is None:
-        return None
-    x, ctx.logits = ctx.logits, None
-    return x
-
-
-def _record(result: torch.Tensor) -> torch.Tensor:
-    ctx = current()
-    if ctx is not None and ctx.capture:
-        ctx.logits = result
-    return result
 
 
 def rle_loss_config(loss_function: Any) -> tuple[str, Any] | None:
@@ -150,9 +134,10 @@ def rle_loss_config(loss_function: Any) -> tuple[str, Any] | None:
     return None if name is None else (name, config)
 
 
-def wants_logits(loss_function: Any, state: Any = None) -> bool:
-    """True for a forward step whose loss is ``entropy_ppo_loss`` bound to a logits-needing method (training, or a
-    forward-only pass that computes the loss: ``infer_batch`` with ``compute_loss``)."""
+def reads_distribution(loss_function: Any, state: Any = None) -> bool:
+    """True for a forward step whose loss is ``entropy_ppo_loss`` bound to a method that reads the distribution
+    beyond log-prob and entropy (training, or a forward-only pass that computes the loss: ``infer_batch`` with
+    ``compute_loss``)."""
     if loss_function is None:
         return False
     from rlvr_entropy.verl.loss import entropy_ppo_loss
@@ -163,7 +148,7 @@ def wants_logits(loss_function: Any, state: Any = None) -> bool:
     from rlvr_entropy.verl.state import EngineState
 
     name, config = found
-    # instance-level needs (entropy_bonus needs logits only with clamping)
+    # instance-level needs (entropy_bonus needs the distribution only with clamping)
     return "logits" in (state if state is not None else EngineState()).method(name, config).needs
 
 
@@ -172,9 +157,8 @@ def install_engine_hooks() -> bool:
     """Patch verl's FSDP engine classes (idempotent); False when they cannot be imported here.
 
     * ``FSDPEngineWithLMHead.forward_step``: runs inside a :func:`step_context` with the engine's
-      :class:`~rlvr_entropy.verl.state.EngineState` (``observe = not forward_only``) and captures logits when the
-      loss is ``entropy_ppo_loss`` with a logits-needing method;
-    * ``_scale_logits_by_temperature``: records its output while a capture is active;
+      :class:`~rlvr_entropy.verl.state.EngineState` (``observe = not forward_only``), recording the backbone's
+      hidden state when the loss is ``entropy_ppo_loss`` with a method that reads the distribution;
     * ``FSDPEngine.optimizer_step``: closes the step (``EngineState.end_step``) after verl's optimizer step, on
       every rank;
     * ``FSDPEngine.save_checkpoint`` / ``load_checkpoint``: write / restore the engine's controller state.
@@ -184,16 +168,6 @@ def install_engine_hooks() -> bool:
     except Exception:  # pragma: no cover
         return False
     from rlvr_entropy.verl.state import state_of
-
-    if not getattr(ti._scale_logits_by_temperature, "_rlvr_entropy", False):
-        orig = ti._scale_logits_by_temperature
-
-        @functools.wraps(orig)
-        def _scale_logits_by_temperature(logits, temperature, *, is_unit_temperature: bool):
-            return _record(orig(logits, temperature, is_unit_temperature=is_unit_temperature))
-
-        _scale_logits_by_temperature._rlvr_entropy = True  # type: ignore[attr-defined]
-        ti._scale_logits_by_temperature = _scale_logits_by_temperature
 
     def hook(cls: Any, name: str, make: Any) -> None:
         fn = cls.__dict__.get(name)
@@ -209,7 +183,8 @@ def install_engine_hooks() -> bool:
     def forward_step(orig):
         def forward_step(self, micro_batch, loss_function, forward_only):
             st = state_of(self)
-            with step_context(st, observe=not forward_only, capture=wants_logits(loss_function, st)):
+            module = self.module if reads_distribution(loss_function, st) else None
+            with step_context(st, observe=not forward_only, module=module):
                 return orig(self, micro_batch, loss_function, forward_only)
         return forward_step
 
@@ -300,11 +275,6 @@ def install_worker_hooks() -> bool:
     return True
 
 
-def install_logits_hook() -> bool:
-    """Kept name: installs every engine hook (:func:`install_engine_hooks`)."""
-    return install_engine_hooks()
-
-
 ENGINE_MODULE = "verl.workers.engine.fsdp.transformer_impl"
 WORKER_MODULE = "verl.workers.engine_workers"
 
@@ -365,29 +335,65 @@ def install_engine_hooks_on_import() -> bool:
     return False
 
 
-def response_logits(captured: torch.Tensor | None, data: Any, name: str) -> torch.Tensor:
-    """Response logits [B, T_resp, V] from the captured remove-padding logits [nnz(+pad), V]."""
-    if captured is None:
-        raise ValueError(f"rlvr-entropy method {name!r} needs full logits but none were captured: set "
-                         "actor_rollout_ref.model.use_fused_kernels=False (fused kernels never build logits), use "
-                         "the FSDP engine, and install the hook (RLVR_ENTROPY_VERL_LOSS=1 or "
-                         "rlvr_entropy.verl.loss.install_loss())")
-    if captured.dim() == 3 and captured.shape[0] == 1:
-        captured = captured[0]
-    if captured.dim() != 2:
-        raise ValueError(f"rlvr-entropy method {name!r}: captured logits of shape {list(captured.shape)}; only "
+def response_lm_head(data: Any, name: str, token_ids: torch.Tensor, mask: torch.Tensor) -> Any:
+    """An :class:`~rlvr_entropy.kernels.LMHeadSource` of the response positions of a verl micro-batch ([B, T_resp]
+    like ``token_ids`` / ``mask``), from the hidden state the active step context recorded ([1, nnz(+pad), H],
+    remove-padding layout, position j predicting token j + 1: sliced as verl slices its logits) and the context's
+    module's LM head, at the micro-batch's sampling temperature (the model's logit scale folded in)."""
+    ctx = current()
+    hidden = None if ctx is None else ctx.hidden.get("hidden")
+    if hidden is None:
+        raise ValueError(f"rlvr-entropy method {name!r} reads the next-token distribution, but no hidden state was "
+                         "recorded for this step: use verl's FSDP engine with the hooks installed "
+                         "(RLVR_ENTROPY_VERL_LOSS=1 or rlvr_entropy.verl.loss.install_loss()) and "
+                         "actor_rollout_ref.model.use_remove_padding=True")
+    if hidden.dim() == 3 and hidden.shape[0] == 1:
+        hidden = hidden[0]
+    if hidden.dim() != 2:
+        raise ValueError(f"rlvr-entropy method {name!r}: recorded hidden state of shape {list(hidden.shape)}; only "
                          "actor_rollout_ref.model.use_remove_padding=True is supported")
+    from verl.utils import tensordict_utils as tu
     from verl.workers.utils.padding import no_padding_2_padding
+
+    from rlvr_entropy.kernels import LMHeadSource
+    from rlvr_entropy.kernels.hf import lm_head_params
 
     prompts, responses = data["prompts"], data["responses"]
     if prompts.is_nested:
         total = int(prompts.offsets().diff().sum() + responses.offsets().diff().sum())
     else:
         total = int(data["attention_mask"].sum())
-    if captured.shape[0] < total:
-        raise ValueError(f"rlvr-entropy method {name!r}: captured logits hold {captured.shape[0]} positions for "
-                         f"{total} tokens (Ulysses sequence parallel?); set ulysses_sequence_parallel_size=1")
-    return no_padding_2_padding(captured[:total], data)
+    if hidden.shape[0] < total:
+        raise ValueError(f"rlvr-entropy method {name!r}: the recorded hidden state holds {hidden.shape[0]} positions "
+                         f"for {total} tokens (Ulysses sequence parallel?); set ulysses_sequence_parallel_size=1")
+    h = no_padding_2_padding(hidden[:total], data)  # [B, T_resp, H]
+    temperature = tu.get(data, "temperature", default=1.0)
+    if isinstance(temperature, torch.Tensor):
+        t = temperature.detach().float().reshape(-1)
+        if t.numel() == 0 or not bool((t == t[0]).all()):
+            raise ValueError(f"rlvr-entropy method {name!r}: per-sample temperatures are not supported (the tiled LM "
+                             "head takes one temperature per micro-batch)")
+        temperature = float(t[0])
+    weight, bias, scale = lm_head_params(ctx.module)
+    weight, bias = _gathered(weight), (None if bias is None else _gathered(bias))
+    return LMHeadSource(h, weight, bias, token_ids=token_ids, mask=mask, temperature=float(temperature) / scale)
+
+
+def _gathered(p: torch.Tensor) -> torch.Tensor:
+    """An FSDP2 parameter at loss time: the DTensor shard (the engine reshards every unit, the root included, after
+    its forward when ``reshard_after_forward``) gathered into the full tensor, differentiably: its gradient is
+    reduce-scattered back onto the shards and averaged over the mesh, as FSDP averages the rest of the parameter's
+    gradient (it accumulates into the shard's ``.grad``). A plain tensor (FSDP1's root, no FSDP) is returned as is."""
+    from torch.distributed.tensor import DTensor, Partial
+
+    if not isinstance(p, DTensor):
+        return p
+    mesh = p.device_mesh
+    full = p.full_tensor(grad_placements=[Partial()] * mesh.ndim)
+    if full.requires_grad:
+        n = mesh.size()
+        full.register_hook(lambda g: g / n)
+    return full
 
 
 def check_verl_config(name: str, actor_config: Any, model_config: Any = None) -> None:
@@ -395,9 +401,6 @@ def check_verl_config(name: str, actor_config: Any, model_config: Any = None) ->
     mc = model_config or {}
     pl = actor_config.get("policy_loss", None) or {}
     if needs_logits(name, dict(pl.get("method_config", {}) or {}) if pl.get("method", "") == name else None):
-        if mc.get("use_fused_kernels", False) or actor_config.get("use_fused_kernels", False):
-            raise ValueError(f"rlvr-entropy method {name!r} needs full logits, which verl never builds with "
-                             "use_fused_kernels=True; set actor_rollout_ref.model.use_fused_kernels=False")
         if not mc.get("use_remove_padding", True):
             raise ValueError(f"rlvr-entropy method {name!r} needs actor_rollout_ref.model.use_remove_padding=True")
         if actor_config.get("ulysses_sequence_parallel_size", 1) not in (1, None):
@@ -408,7 +411,6 @@ def check_verl_config(name: str, actor_config: Any, model_config: Any = None) ->
 
 
 __all__ = ["needs_logits", "needs_entropy", "check_verl_config", "install_engine_hooks", "install_worker_hooks",
-           "install_logits_hook",
            "install_engine_hooks_on_import",
-           "capture_logits", "take_captured_logits", "response_logits", "wants_logits", "step_context", "current",
+           "response_lm_head", "reads_distribution", "step_context", "current",
            "StepContext", "rle_loss_config"]

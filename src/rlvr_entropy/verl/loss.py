@@ -100,11 +100,11 @@ def _scale(mode: str, mask: torch.Tensor, gbi: dict[str, Any]) -> float | torch.
     return mask.any(-1).sum().to(torch.float64).item() / total * dp
 
 
-def _explain(name: str, err: ValueError, has_entropy: bool) -> ValueError:
+def _explain(name: str, err: ValueError, has_entropy: bool, has_distribution: bool) -> ValueError:
     msg = str(err)
-    if "logits" in get_method_class(name).needs:
-        return ValueError(f"rlvr-entropy method {name!r} needs the full logits, which verl's own ppo_loss does not "
-                          "hand to a policy loss: install the entropy-aware loss and its logits hook "
+    if "logits" in get_method_class(name).needs and not has_distribution:
+        return ValueError(f"rlvr-entropy method {name!r} reads the next-token distribution, which verl's own ppo_loss "
+                          "does not hand to a policy loss: install the entropy-aware loss and the engine hooks "
                           "(RLVR_ENTROPY_VERL_LOSS=1 or rlvr_entropy.verl.loss.install_loss()), see "
                           f"docs/engines/verl.md. Original error: {msg}")
     if "entropy" in msg and not has_entropy:
@@ -117,7 +117,7 @@ def _explain(name: str, err: ValueError, has_entropy: bool) -> ValueError:
 def method_loss(name: str, *, old_log_prob: torch.Tensor, log_prob: torch.Tensor, advantages: torch.Tensor,
                 response_mask: torch.Tensor, config: Any, rollout_is_weights: torch.Tensor | None = None,
                 entropy: torch.Tensor | None = None, old_entropy: torch.Tensor | None = None,
-                logits: torch.Tensor | None = None, rewards: torch.Tensor | None = None,
+                lm_head: Any = None, rewards: torch.Tensor | None = None,
                 group_reward: torch.Tensor | None = None, state: Any = None, observe: bool | None = None,
                 ) -> tuple[torch.Tensor, dict[str, Any]]:
     """Loss [] and float metrics of method ``name`` on one padded verl micro-batch ([B, T] tensors).
@@ -137,18 +137,36 @@ def method_loss(name: str, *, old_log_prob: torch.Tensor, log_prob: torch.Tensor
     gbi = dict(getattr(config, "global_batch_info", {}) or {})
     mask = response_mask.to(torch.bool)
     batch = TokenBatch(log_prob=log_prob, old_log_prob=old_log_prob, advantages=advantages, mask=mask,
-                       entropy=entropy, old_entropy=old_entropy, logits=logits, rewards=rewards,
+                       entropy=entropy, old_entropy=old_entropy, lm_head=lm_head, rewards=rewards,
                        group_reward=group_reward)
     try:
         out = method.compute_loss(batch, step=owner.step, observe=observe)
     except ValueError as e:
-        raise _explain(name, e, entropy is not None) from e
+        raise _explain(name, e, entropy is not None, lm_head is not None) from e
     if observe:
         owner.observed(name)
     loss = out.loss * _scale(method.config.loss_agg_mode, mask, gbi)
     metrics = {f"actor/{k}": (float(v.detach().float()) if isinstance(v, torch.Tensor) else v)
                for k, v in out.metrics.items()}
     return loss, metrics
+
+
+#: Largest mean |log-prob difference| (nats, over valid positions) between the tiled LM head and verl's own
+#: log-probs: bf16 rounding of verl's logits stays far below it; a wrong layout or a model that post-processes its
+#: logits does not.
+LOG_PROB_TOLERANCE = 0.05
+
+
+def _check_same_log_prob(name: str, ours: torch.Tensor, verls: torch.Tensor, mask: torch.Tensor) -> None:
+    with torch.no_grad():
+        if not bool(mask.any()):
+            return
+        d = (ours.detach().float() - verls.detach().float()).abs()[mask]
+        if not float(d.mean()) <= LOG_PROB_TOLERANCE:
+            raise ValueError(f"{PREFIX}{name}: the log-probs of the tiled LM head (backbone hidden state x lm_head "
+                             f"weight) differ from verl's by {float(d.mean()):.3g} nats on average (max "
+                             f"{float(d.max()):.3g}): this model's backbone output is not its LM head's input, or it "
+                             "post-processes its logits (soft-capping, scaling), which the tiled LM head does not support")
 
 
 def make_registered_loss(name: str):
@@ -226,17 +244,24 @@ def entropy_ppo_loss(config: Any, model_output: dict[str, Any], data: Any, dp_gr
     if isinstance(group_reward, torch.Tensor) and group_reward.is_nested:
         group_reward = None
 
-    logits = None
-    from rlvr_entropy.verl import hooks
+    method = owner.method(name, config)
+    lm_head = None
+    if "logits" in method.needs:  # instance-level: entropy_bonus reads the distribution only when clamped
+        from rlvr_entropy import kernels
+        from rlvr_entropy.stats import Stat
+        from rlvr_entropy.verl import hooks
 
-    captured = hooks.take_captured_logits()
-    if "logits" in owner.method(name, config).needs:  # instance-level: entropy_bonus needs logits only when clamped
-        logits = hooks.response_logits(captured, data, name)
-    del captured
+        tokens = data.select("responses").to_padded_tensor()["responses"]
+        lm_head = hooks.response_lm_head(data, name, tokens, mask)
+        want = (Stat.log_prob(), *(() if entropy is not None else (Stat.entropy(),)), *kernels.requests_for(method))
+        lm_head.prefetch(*want)  # one tiled pass: the method's statistics and the consistency check below
+        _check_same_log_prob(name, lm_head.log_prob(), log_prob, mask)
+        if entropy is None:
+            entropy = lm_head.entropy()
     pg_loss, pg_metrics = method_loss(
         name, old_log_prob=pd["old_log_probs"], log_prob=log_prob, advantages=pd["advantages"], response_mask=mask,
         config=config, rollout_is_weights=pd.get("rollout_is_weights", None), entropy=entropy,
-        old_entropy=old_entropy, rewards=rewards, logits=logits, group_reward=group_reward, state=owner,
+        old_entropy=old_entropy, rewards=rewards, lm_head=lm_head, group_reward=group_reward, state=owner,
         observe=observe)
     metrics: dict[str, Any] = dict(Metric.from_dict(pg_metrics, aggregation=AggregationType.MEAN))
     metrics["actor/pg_loss"] = Metric(value=pg_loss, aggregation=agg)

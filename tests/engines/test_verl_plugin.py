@@ -456,8 +456,14 @@ def test_lm_head_source_errors_name_the_cause():
             entropy_ppo_loss(cfg, out, data)
     data["temperature"] = torch.ones(4)  # one value per sample, all equal: fine
     with _engine_step(EngineState(), model, hidden.detach()):
-        loss, _ = entropy_ppo_loss(cfg, out, data)
-    assert torch.isfinite(loss)
+        loss, metrics = entropy_ppo_loss(cfg, out, data)
+    assert torch.isfinite(loss) and "actor/entropy_loss" in metrics
+    # calculate_entropy=False: the method reads the source's entropy, verl's entropy bonus term stays off
+    no_ent = {k: v for k, v in out.items() if k != "entropy"}
+    with _engine_step(EngineState(), model, hidden.detach()):
+        loss2, metrics2 = entropy_ppo_loss(cfg, no_ent, data)
+    assert "actor/entropy_loss" not in metrics2
+    torch.testing.assert_close(loss2, loss, rtol=1e-5, atol=1e-6)
 
 
 def _outputs_from_rmpad(scaled, data):

@@ -77,3 +77,21 @@ def test_soft_capping_and_unknown_post_processing_raise():
         hf.causal_lm_hidden(m, torch.zeros(1, 3, dtype=torch.long), None, 0)
     with pytest.raises(ValueError, match="causal LM"):
         hf.lm_head_params(torch.nn.Linear(2, 3))
+
+
+def test_peft_lora_model_is_unwrapped_to_its_backbone_and_head():
+    """A LoRA-wrapped model (what verl and TRL train with peft): the backbone hidden state recorded during its
+    forward, times the head, gives its logits, and the LoRA weights get the source's gradient."""
+    peft = pytest.importorskip("peft")
+    m = peft.get_peft_model(_model("Llama"), peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj"],
+                                                             init_lora_weights=False))
+    ids = torch.randint(0, 97, (2, 7), generator=torch.Generator().manual_seed(2))
+    hf.check_lm_head(m, backbone=True)
+    with hf.capture_backbone_hidden(m) as seen:
+        logits = m(input_ids=ids).logits
+    w, b, scale = hf.lm_head_params(m)
+    torch.testing.assert_close(seen["hidden"] @ w.t(), logits, rtol=1e-5, atol=1e-5)
+    src = hf.causal_lm_source(m, ids, None, logits_to_keep=3, token_ids=ids[:, -3:], mask=None)
+    src.top_p_entropy(0.8).sum().backward()
+    lora = [p for n, p in m.named_parameters() if "lora_" in n]
+    assert lora and all(p.grad is not None and float(p.grad.abs().sum()) > 0 for p in lora)

@@ -19,6 +19,7 @@ Imports no engine (duck-typed on the transformers ``PreTrainedModel`` interface:
   source that serves only the method's extra statistics; ``check_lm_head(model, backbone=True)`` verifies that
   this hidden state is the LM head's input for the model.
 
+PEFT models (LoRA) are unwrapped to the transformers model they wrap (its backbone carries the adapters).
 Not covered: FSDP-sharded heads (gather the weight first, as TRL's ``maybe_gather_lm_head_ctx`` does), heads that
 are not ``torch.nn.Linear``, encoder-decoder models.
 """
@@ -40,9 +41,11 @@ _CHECKED: "weakref.WeakKeyDictionary[Any, set[bool]]" = weakref.WeakKeyDictionar
 
 
 def _unwrap(model: Any) -> Any:
-    """The transformers model inside DDP / accelerate / torch.compile wrappers (PEFT forwards attributes)."""
+    """The transformers model inside DDP / accelerate / torch.compile / PEFT wrappers."""
     m = model
     for _ in range(8):
+        if callable(getattr(m, "get_base_model", None)):  # PEFT: the wrapped transformers model (LoRA layers in it)
+            m = m.get_base_model()
         if hasattr(m, "get_output_embeddings"):
             return m
         m = getattr(m, "module", None) or getattr(m, "_orig_mod", None)

@@ -253,11 +253,11 @@ def entropy_ppo_loss(config: Any, model_output: dict[str, Any], data: Any, dp_gr
 
         tokens = data.select("responses").to_padded_tensor()["responses"]
         lm_head = hooks.response_lm_head(data, name, tokens, mask)
+        # one tiled pass: the method's statistics, the consistency check below and, without verl's entropy
+        # (calculate_entropy=False), the entropy the method reads (verl's own entropy bonus stays off then)
         want = (Stat.log_prob(), *(() if entropy is not None else (Stat.entropy(),)), *kernels.requests_for(method))
-        lm_head.prefetch(*want)  # one tiled pass: the method's statistics and the consistency check below
+        lm_head.prefetch(*want)
         _check_same_log_prob(name, lm_head.log_prob(), log_prob, mask)
-        if entropy is None:
-            entropy = lm_head.entropy()
     pg_loss, pg_metrics = method_loss(
         name, old_log_prob=pd["old_log_probs"], log_prob=log_prob, advantages=pd["advantages"], response_mask=mask,
         config=config, rollout_is_weights=pd.get("rollout_is_weights", None), entropy=entropy,

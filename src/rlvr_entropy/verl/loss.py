@@ -229,7 +229,9 @@ def entropy_ppo_loss(config: Any, model_output: dict[str, Any], data: Any, dp_gr
     if len(old_keys) > 1:
         raise ValueError(f"{PREFIX}{name}: the batch carries the old-policy entropy under several keys {old_keys}; "
                          f"keep one of {list(OLD_ENTROPY_KEYS)}")
-    fields = ["response_mask", "old_log_probs", "advantages"]
+    method = owner.method(name, config)
+    reads = "logits" in method.needs  # instance-level: entropy_bonus reads the distribution only when clamped
+    fields = ["response_mask", "old_log_probs", "advantages", *(["responses"] if reads else [])]
     optional = ["rollout_is_weights", "ref_log_prob", *old_keys, "token_level_scores"]
     fields += [k for k in optional if k in keys]
     rewards = data["rewards"] if "rewards" in data.keys() else None
@@ -244,15 +246,13 @@ def entropy_ppo_loss(config: Any, model_output: dict[str, Any], data: Any, dp_gr
     if isinstance(group_reward, torch.Tensor) and group_reward.is_nested:
         group_reward = None
 
-    method = owner.method(name, config)
     lm_head = None
-    if "logits" in method.needs:  # instance-level: entropy_bonus reads the distribution only when clamped
+    if reads:
         from rlvr_entropy import kernels
         from rlvr_entropy.stats import Stat
         from rlvr_entropy.verl import hooks
 
-        tokens = data.select("responses").to_padded_tensor()["responses"]
-        lm_head = hooks.response_lm_head(data, name, tokens, mask)
+        lm_head = hooks.response_lm_head(data, name, pd["responses"], mask)
         # one tiled pass: the method's statistics, the consistency check below and, without verl's entropy
         # (calculate_entropy=False), the entropy the method reads (verl's own entropy bonus stays off then)
         want = (Stat.log_prob(), *(() if entropy is not None else (Stat.entropy(),)), *kernels.requests_for(method))

@@ -268,6 +268,35 @@ def test_demo_resumes_by_default_and_restarts_another_configuration(tmp_path, ca
     assert "different configuration (differs in ['lr']): starting over" in capsys.readouterr().err
 
 
+def test_demo_trains_its_lighter_default_and_overrides_win(monkeypatch):
+    seen = {}
+    monkeypatch.setattr(cli, "cmd_compare", lambda args: seen.setdefault("base", cli._cli_train_base(args)) and 0)
+    cli.main(["demo", "--quiet"])
+    assert seen.pop("base") == cli.DEMO_TRAIN and cli.DEMO_TRAIN == {"prompts_per_step": 16}
+    seen.clear()
+    monkeypatch.setattr(cli, "cmd_compare", lambda args: seen.setdefault(
+        "cfg", cli._make_train_config(cli._cli_train_base(args), cli.split_overrides(args.overrides, ["grpo"])[0]))
+                        and 0)
+    cli.main(["demo", "--quiet", "--seed", "3", "prompts_per_step=8"])
+    assert seen["cfg"].prompts_per_step == 8
+    seen.clear()
+    cli.main(["compare", "--methods", "grpo", "--quiet"])  # compare itself keeps TrainConfig's defaults
+    assert seen["cfg"].prompts_per_step == 32
+
+
+def test_compare_runs_one_process_per_usable_core_by_default(tmp_path, monkeypatch):
+    monkeypatch.setattr(cli, "usable_cpus", lambda: 2)
+    seen = {}
+
+    def fake_parallel(jobs, args, temps):
+        seen["jobs"] = args.jobs
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "_run_parallel", fake_parallel)
+    cli.main(["compare", "--methods", "grpo,siren,steer", "--out", str(tmp_path / "c"), "--quiet", *TINY])
+    assert seen["jobs"] == 2
+
+
 def test_ctrl_c_message_promises_what_demo_does(monkeypatch, capsys):
     def interrupted(args):
         raise KeyboardInterrupt

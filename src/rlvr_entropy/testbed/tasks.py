@@ -242,6 +242,13 @@ def _arith_solutions(numbers, ops) -> tuple[str, ...]:
     return tuple(dict.fromkeys(out))
 
 
+@lru_cache(maxsize=4096)
+def _solution_targets(numbers: tuple[int, ...]) -> tuple[int, ...]:
+    """The final value of every valid scratchpad of ``numbers`` that fits the 3-digit prompt (one entry per
+    solution, so a uniform choice weighs targets by their number of solutions)."""
+    return tuple(t for t, ss in _countdown_solutions(numbers).items() for _ in ss if t <= 999)
+
+
 # ------------------------------------------------------------------------------------------------ tasks
 def split_of(key: str) -> str:
     """'eval' for a fixed ~EVAL_FRACTION of problem keys (stable across runs and machines), else 'train'."""
@@ -263,13 +270,12 @@ class Task:
         if self.kind == "countdown":
             while True:
                 nums = tuple(rng.randint(1, 9) for _ in range(self.n_numbers))
-                by_target = _countdown_solutions(nums)
                 # target of a uniformly drawn solution: problems with several paths are favoured, as in the
                 # usual Countdown generators that build the target from a random expression
-                all_sols = [(t, s) for t, ss in by_target.items() for s in ss if t <= 999]
-                if not all_sols:
+                targets = _solution_targets(nums)
+                if not targets:
                     continue
-                target = rng.choice(all_sols)[0]
+                target = rng.choice(targets)
                 prompt = " ".join(map(str, nums)) + f">{target:03d}:"
                 return Problem(self.name, prompt, nums, target)
         nums = tuple(rng.randint(10, 99) for _ in range(3))

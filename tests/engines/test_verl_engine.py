@@ -2,7 +2,7 @@
 
 The ranks run tests/engines/verl_engine_run.py with the python of .venv-verl (verl without trl: with trl 1.16 in the
 environment verl cannot build an FSDP model; `make setup` creates it). What is checked, for siren, thermostat,
-adaptive_entropy, steer (scope="global") and forking_tokens, each rank with different data:
+adaptive_entropy, steer (scope="global"), forking_tokens and entrocraft, each rank with different data:
 
 * one truth across ranks: every controller's state is identical on both ranks, and it is the reduction of both
   ranks' observations (not either rank's own); global statistics (STEER's M, the forking-tokens quantile) are the
@@ -12,7 +12,8 @@ adaptive_entropy, steer (scope="global") and forking_tokens, each rank with diff
 * checkpoints: one state file, restored by a second engine in the same process (which shares nothing with the
   first) and by a 1-rank run from the 2-rank checkpoint;
 * use_dynamic_bsz (another micro-batch split) gives the same SIREN anchor as fixed micro-batches;
-* STEER reads the v1 trainer's old entropy (``entropy`` in the batch);
+* STEER reads the v1 trainer's old entropy (``entropy`` in the batch); Entrocraft decides each step with that
+  step's own rollout entropy (``begin_step`` from ``train_mini_batch``, reduced over both ranks), no lag;
 * ``use_fused_kernels=True``: SIREN and the thermostat read the distribution from the tiled LM head on the recorded
   hidden state and the gathered FSDP2 weight (no logits anywhere).
 """
@@ -30,7 +31,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "tests" / "engines" / "verl_engine_run.py"
 VERL_PY = Path(os.environ.get("RLVR_ENTROPY_VERL_PYTHON", ROOT / ".venv-verl" / "bin" / "python"))
-METHODS = ["siren", "thermostat", "adaptive_entropy", "steer", "forking_tokens"]
+METHODS = ["siren", "thermostat", "adaptive_entropy", "steer", "forking_tokens", "entrocraft"]
 CONTROLLED = {"siren": "anchor", "thermostat": "pi", "adaptive_entropy": "coef"}
 
 if not VERL_PY.exists():
@@ -141,6 +142,26 @@ def test_steer_global_scope_spans_both_ranks_and_reads_the_old_entropy(runs):
         differs += not math.isclose(M, x["local_M"], rel_tol=1e-6) or not math.isclose(M, y["local_M"], rel_tol=1e-6)
         assert x["old_entropy_given"] and y["old_entropy_given"]  # the v1 trainer's "entropy" (old policy)
     assert differs == len(c0)  # on every micro-batch one rank's own M is not the global one
+
+
+def test_entrocraft_decides_each_step_with_its_own_rollout_entropy_over_both_ranks(runs):
+    _, train, resume = runs
+    b0 = [e for e in train[0]["entrocraft"]["record"] if e["event"] == "begin"]
+    b1 = [e for e in train[1]["entrocraft"]["record"] if e["event"] == "begin"]
+    assert len(b0) == len(b1) == 1  # one update_actor call: one decision for its 4 optimizer steps
+    (x,), (y,) = b0, b1
+    glob = (x["local"][0] + y["local"][0]) / (x["local"][1] + y["local"][1])
+    assert x["entropy"] == y["entropy"] == pytest.approx(glob, rel=1e-12)
+    assert min(abs(glob - e["local"][0] / e["local"][1]) for e in (x, y)) > 1e-4  # not one rank's own entropy
+    assert x["state"] == y["state"] == {"band": {"steps": 1, "entropy": x["entropy"]}}  # before the first loss
+    first = [e for e in train[0]["entrocraft"]["record"] if e["event"] != "begin"][0]
+    assert first["event"] == "loss" and first["step"] == 0  # the decision came before the first micro-batch
+    band = train[0]["entrocraft"]["after_update"]["methods"]["entrocraft"]["band"]
+    assert band == {"steps": 1, "entropy": x["entropy"]}  # the step's optimizer steps do not count as rollouts
+    one = resume[0]["entrocraft"]
+    (r,) = [e for e in one["record"] if e["event"] == "begin"]
+    assert one["after_update"]["methods"]["entrocraft"]["band"] == {"steps": 2, "entropy": r["entropy"]}
+    assert r["entropy"] == pytest.approx(r["local"][0] / r["local"][1], rel=1e-12)
 
 
 def test_forking_tokens_quantile_spans_both_ranks(runs):

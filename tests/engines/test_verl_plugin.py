@@ -577,3 +577,37 @@ def test_clip_cov_and_kl_cov_ignore_clip_ratio_c_like_verl():
     for name in ("clip_cov", "kl_cov"):
         assert method_config(name, _actor_config(loss_mode=f"rle_{name}")).dual_clip is None
     assert method_config("grpo", _actor_config(loss_mode="rle_grpo")).dual_clip == 3.0
+
+
+def test_begin_method_step_feeds_the_rollout_entropy_and_warns_without_it(caplog):
+    """train_mini_batch's hook: entrocraft (a method with begin_step) gets the rollout's old entropy before its
+    mini-batches; without one in the batch it warns once and keeps its documented lag; other methods: nothing."""
+    import logging
+
+    from tensordict import TensorDict
+
+    from rlvr_entropy.verl import hooks
+    from rlvr_entropy.verl.state import EngineState
+
+    def worker(method):
+        w = type("W", (), {})()
+        w.loss_fn = functools.partial(lambda **k: None, config=_actor_config(loss_mode=f"rle_{method}"))
+        return w
+
+    mask = torch.tensor([[1, 1, 0], [1, 1, 1]])
+    h = torch.tensor([[0.5, 1.5, 9.0], [2.0, 0.0, 1.0]])
+    st = EngineState()
+    data = TensorDict({"response_mask": mask, "entropy": h}, batch_size=[2])
+    assert hooks.begin_method_step(worker("entrocraft"), st, data) == pytest.approx(5.0 / 5)
+    assert st.methods["entrocraft"].band.state_dict() == {"steps": 1, "entropy": pytest.approx(1.0)}
+    assert hooks.begin_method_step(worker("siren"), st, data) is None and "siren" not in st.methods
+    bare = TensorDict({"response_mask": mask}, batch_size=[2])
+    with caplog.at_level(logging.WARNING, logger="rlvr_entropy.verl.hooks"):
+        assert hooks.begin_method_step(worker("entrocraft"), st, bare) is None
+        assert hooks.begin_method_step(worker("entrocraft"), st, bare) is None
+    warned = [r for r in caplog.records if "one step of lag" in r.getMessage()]
+    assert len(warned) == 1 and "entrocraft" in warned[0].getMessage()
+    assert st.methods["entrocraft"].band.state_dict()["steps"] == 1  # no decision without the entropy
+    two = TensorDict({"response_mask": mask, "entropy": h, "old_entropy": h}, batch_size=[2])
+    with pytest.raises(ValueError, match="several keys"):
+        hooks.begin_method_step(worker("entrocraft"), st, two)

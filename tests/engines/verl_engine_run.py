@@ -150,6 +150,7 @@ METHODS = {  # name -> (loss_mode, method_config)
     "adaptive_entropy": ("rle_adaptive_entropy", {"target": 0.5}),
     "steer": ("rle_steer", {"scope": "global"}),
     "forking_tokens": ("rle_forking_tokens", {}),
+    "entrocraft": ("rle_entrocraft", {"total_steps": 10}),
 }
 MINI = 4        # ppo_mini_batch_size (global, responses): 2 per rank with 2 ranks
 PER_RANK = 4    # responses per rank per update: 2 mini-batches per epoch on 2 ranks
@@ -232,6 +233,9 @@ def make_batch(rank: int, seed: int):
         "response_mask": nest([torch.ones(r, dtype=torch.long) for r in rlens]),
         "loss_mask": nest([torch.ones(r, dtype=torch.long) for r in rlens]),
         "advantages": nest([torch.full((r,), float(a)) for r, a in zip(rlens, adv)]),
+        # the reward on the last response token, as verl's reward manager stores it (entrocraft reads the rewards)
+        "token_level_scores": nest([torch.nn.functional.pad(torch.tensor([float(a > 0)]), (r - 1, 0))
+                                    for r, a in zip(rlens, adv)]),
     })
     return td
 
@@ -315,6 +319,20 @@ def instrument() -> None:
     Method.compute_loss = compute_loss
     if orig_end is not None:
         Method.end_step = end_step
+    from rlvr_entropy.methods import entrocraft
+
+    orig_begin = getattr(entrocraft.Entrocraft, "begin_step", None)
+
+    def begin_step(self, batch):
+        h = batch.old_entropy.double()
+        local = [float(torch.where(batch.mask, h, 0).sum()), float(batch.mask.sum())]
+        out = orig_begin(self, batch)
+        RECORD.append({"event": "begin", "method": self.name, "local": local, "entropy": out,
+                       "state": self.state_dict()})
+        return out
+
+    if orig_begin is not None:
+        entrocraft.Entrocraft.begin_step = begin_step
 
 
 def engine_state(worker):

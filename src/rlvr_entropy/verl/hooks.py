@@ -18,7 +18,9 @@ micro-batches, ``optimizer_step``):
 * ``engine_workers.TrainingWorker.train_mini_batch`` (:func:`install_worker_hooks`, patched once that module is
   imported): one call trains on one rollout batch (mini-batches x ``ppo_epochs``); it tells the EngineState how
   many optimizer steps make one pass over the rollout, and ``end_step`` passes ``rollout_end`` on to the methods
-  (SIREN's anchor is measured over every mini-batch of the first rollout, not the first mini-batch's step only).
+  (SIREN's anchor is measured over every mini-batch of the first rollout, not the first mini-batch's step only);
+  a method with ``begin_step`` (entrocraft) gets the whole rollout first (:func:`begin_method_step`), so it decides
+  each step with that step's own entropy, as its official trainer.
 * The distribution: methods that read more than log-prob and entropy (SIREN's top-p entropy, the thermostat's
   change terms, Lp-Reg, AEnt, ...) get a :class:`~rlvr_entropy.kernels.LMHeadSource`, never logits. During forward
   steps whose loss is ``entropy_ppo_loss`` with such a method, the hooked ``forward_step`` records the backbone's
@@ -242,6 +244,53 @@ def _steps_per_pass(worker: Any, data: Any) -> int | None:
     return rows // per_rank if per_rank > 0 and rows % per_rank == 0 else None
 
 
+_WARNED_NO_OLD_ENTROPY: set[int] = set()
+
+
+def begin_method_step(worker: Any, state: Any, data: Any) -> Any:
+    """``method.begin_step(rollout)`` for a method that decides each step from its own rollout (entrocraft), at the
+    start of ``TrainingWorker.train_mini_batch`` on every rank, before any of the rollout's mini-batches: the
+    method named by the worker's loss (``partial(ppo_loss, config=actor_config)``, as verl's ``init_model`` binds
+    it) gets this rank's whole rollout share (``response_mask``, ``old_log_probs``, ``advantages`` and the old
+    policy's entropy, which verl 0.9.1's v1 trainer stores as ``entropy``); its collective spans the engine's DP
+    group. Returns what ``begin_step`` returned (None when nothing was called).
+
+    Without the old entropy in the batch (the legacy ``RayPPOTrainer`` pops its ``entropys`` before the update) the
+    method cannot decide with its own step's entropy: a warning says so once per engine, and the method falls back
+    to its documented lag (it decides from the previous step's micro-batches)."""
+    from rlvr_entropy.methods.base import Method
+    from rlvr_entropy.verl.config import method_from_loss_mode
+    from rlvr_entropy.verl.loss import OLD_ENTROPY_KEYS
+
+    config = getattr(getattr(worker, "loss_fn", None), "keywords", {}).get("config")
+    pl = getattr(config, "policy_loss", None) if config is not None else None
+    name = method_from_loss_mode(pl.get("loss_mode", "vanilla")) if pl is not None else None
+    if name is None or get_method_class(name).begin_step is Method.begin_step:
+        return None
+    keys = set(data.keys())
+    old = [k for k in OLD_ENTROPY_KEYS if k in keys]
+    if len(old) > 1:
+        raise ValueError(f"rlvr-entropy method {name!r}: the batch carries the old-policy entropy under several keys "
+                         f"{old}; keep one of {list(OLD_ENTROPY_KEYS)}")
+    if not old:
+        if id(state) not in _WARNED_NO_OLD_ENTROPY:
+            _WARNED_NO_OLD_ENTROPY.add(id(state))
+            import logging
+
+            logging.getLogger(__name__).warning(
+                "rlvr-entropy method %r decides each step from its rollout's entropy, but the batch given to "
+                "update_actor carries no old-policy entropy (one of %s; verl's legacy RayPPOTrainer drops its "
+                "'entropys'): it decides from the previous step's micro-batches instead (one step of lag)",
+                name, list(OLD_ENTROPY_KEYS))
+        return None
+    pd = data.select("response_mask", old[0]).to_padded_tensor()
+    mask = pd["response_mask"].to(torch.bool)
+    zero = torch.zeros(mask.shape, dtype=torch.float32)  # begin_step reads the entropy and the mask only
+    method = state.method(name, config)
+    return method.begin_step(TokenBatch(log_prob=zero, old_log_prob=zero, advantages=zero[:, 0], mask=mask,
+                                        old_entropy=pd[old[0]]))
+
+
 def install_worker_hooks() -> bool:
     """Patch verl's ``TrainingWorker.train_mini_batch`` (idempotent; False when it cannot be imported here): one
     call trains on one rollout batch, split into mini-batches (one optimizer step each) for ``ppo_epochs``; the
@@ -265,6 +314,7 @@ def install_worker_hooks() -> bool:
         data = kwargs["data"] if "data" in kwargs else (args[0] if args else None)
         st = state_of(self.engine)
         st.begin_rollout(_steps_per_pass(self, data))
+        begin_method_step(self, st, data)
         try:
             return fn(self, *args, **kwargs)
         finally:

@@ -92,6 +92,25 @@ def test_arith_verifier_and_enumerator():
         assert all(parse_steps(s)[-1][3] == p2.target for s in sols)
 
 
+def test_arith_prompts_state_the_whole_expression():
+    """Version 2 of arith: four operands 2..9 joined by + or *; the prompt is the whole expression (its value, read
+    with Python's precedence, is the target), every valid scratchpad has three steps and fits the response length."""
+    import re
+
+    from rlvr_entropy.testbed.tasks import ARITH_OPERANDS
+
+    t = get_task("arith")
+    assert t.version == 2 and ARITH_OPERANDS == 4
+    for p in t.sample("train", 200, seed=2):
+        expr = p.prompt[:-1]
+        assert p.prompt.endswith(">") and re.fullmatch(r"[2-9]([+*][2-9]){3}", expr), p.prompt
+        assert tuple(int(c) for c in expr[::2]) == p.numbers and tuple(expr[1::2]) == p.ops
+        assert eval(expr) == p.target  # noqa: S307 - digits and + * only (checked above)
+        sols = t.solutions(p)
+        assert sols and all(len(parse_steps(x)) == 3 for x in sols)
+        assert max(map(len, sols)) + 1 <= t.max_response_len  # + EOS
+
+
 @pytest.mark.parametrize("name", ["countdown3", "countdown4", "arith"])
 def test_generation_deterministic_and_splits_disjoint(name):
     t = get_task(name)

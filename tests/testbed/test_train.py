@@ -133,7 +133,7 @@ def test_prepare_hook_gets_the_first_rollout():
     assert seen == ["batch"]
 
 
-@pytest.mark.parametrize("task_name", ["countdown3", "countdown4"])
+@pytest.mark.parametrize("task_name", ["countdown3", "countdown4", "arith"])
 def test_default_warm_starts_are_shipped_and_load(task_name, tmp_path, monkeypatch):
     """The evidence tasks' default-recipe warm starts ship with the package, so runs repeat across machines: an
     empty cache loads the shipped copy instead of training."""

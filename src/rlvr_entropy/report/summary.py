@@ -352,23 +352,26 @@ def format_table(summary: dict) -> str:
 
 
 def time_split(summary: dict) -> str:
-    """Where the time went, summed over the runs (CPU seconds of the runs, not wall)."""
+    """Where the time went, summed over the runs (seconds each run's process spent, not the compare's wall): each
+    run's set-up (the warm start, loaded or trained) plus its loop (``wall_s``, which starts after the set-up)."""
     ms = summary["methods"].values()
-    tot = {k: sum(s.get(k, 0.0) * s.get("n_seeds", 1) for s in ms if math.isfinite(s.get(k, float("nan"))))
+    tot = {k: sum(s.get(k, 0.0) * s.get("n_seeds", 1) for s in ms
+                  if isinstance(s.get(k), (int, float)) and math.isfinite(s[k]))
            for k in ("gen_s_total", "update_s_total", "eval_s_total", "ckpt_s_total", "setup_s", "wall_s")}
-    if not tot["wall_s"]:
+    total = tot["wall_s"] + tot["setup_s"]
+    if not total:
         return ""
     parts = [("sampling", tot["gen_s_total"]), ("update", tot["update_s_total"]), ("evaluation", tot["eval_s_total"]),
              ("checkpoints", tot["ckpt_s_total"]), ("set-up", tot["setup_s"])]
-    other = max(0.0, tot["wall_s"] - sum(v for _, v in parts))
-    text = ", ".join(f"{n} {100 * v / tot['wall_s']:.0f}%" for n, v in parts + [("other", other)])
+    other = max(0.0, total - sum(v for _, v in parts))
+    text = ", ".join(f"{n} {100 * v / total:.0f}%" for n, v in parts + [("other", other)])
     steps = sum(s.get("steps", 0) * s.get("n_seeds", 1) for s in ms)
     per = (tot["gen_s_total"] + tot["update_s_total"]) / steps if steps else float("nan")
     extra = []
     for key, name in (("compare_wall_s", "wall"), ("frontier_s", "frontier"), ("report_s", "report")):
         if summary.get(key) is not None:
             extra.append(f"{name} {summary[key]:.0f} s")
-    return (f"time in the runs: {tot['wall_s']:.0f} s summed over runs ({text}); {per:.2f} s per training step"
+    return (f"time in the runs: {total:.0f} s summed over runs ({text}); {per:.2f} s per training step"
             + (f"; {', '.join(extra)}" if extra else ""))
 
 

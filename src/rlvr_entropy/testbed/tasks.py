@@ -12,12 +12,13 @@ so a batch of prompts needs no padding.
     The verifier checks every step's arithmetic: most wrong answers of a trained model fake the last step.
 
 ``arith``
-    Prompt ``"47+38*25>"``: three 2-digit operands joined by ``+`` or ``*`` (fixed length 9). The expression is a
-    sum of products. Response: steps ``x op y=z``; a ``*`` step multiplies two factors of the same product term
+    Prompt ``"7*8+6*3>"``: four operands 2..9 joined by ``+`` or ``*`` (fixed length 8; three steps, one more
+    than countdown3, so a longer chain of reasoning). The expression is a sum of products. Response: steps ``x op y=z``; a ``*`` step multiplies two factors of the same product term
     (any two, in either order), a ``+`` step adds two terms that are already single numbers. The response is
     correct when every step is legal and right and one number, the expression's value, is left. Several valid
-    paths: the order of independent reductions and of the operands, e.g. ``"38*25=950,47+950=997"`` and
-    ``"25*38=950,950+47=997"``.
+    paths: the order of independent reductions and of the operands, e.g. ``"7*8=56,6*3=18,56+18=74"`` and
+    ``"3*6=18,8*7=56,18+56=74"``. (``Task.version`` 2; version 1 had three 2-digit operands, and the 0.86M
+    model never learned their 2-by-4-digit products: pass@1 0 after its warm start.)
 
 A problem is a ``Problem(prompt, numbers, target, task)``. Generation is deterministic from a seed. Train and
 held-out evaluation splits are disjoint by construction: a problem's split is a hash of its canonical key
@@ -144,6 +145,9 @@ def _countdown_solutions(numbers: tuple[int, ...]) -> dict[int, tuple[str, ...]]
 
 
 # ----------------------------------------------------------------------------------------------- arith
+ARITH_OPERANDS = 4  # operands 2..9 per arith prompt
+
+
 def _arith_terms(numbers: tuple[int, ...], ops: tuple[str, ...]) -> list[list[int]]:
     terms = [[numbers[0]]]
     for op, n in zip(ops, numbers[1:]):
@@ -264,6 +268,8 @@ class Task:
         self.n_numbers = n_numbers
         self.kind = "arith" if name == "arith" else "countdown"
         self.max_response_len = 16 if (self.kind == "countdown" and n_numbers == 3) else 32
+        #: bumped when the generator changes which problems a task draws (part of the warm-start cache key)
+        self.version = 2 if self.kind == "arith" else 1
 
     # one problem from an rng (split not checked)
     def _draw(self, rng: random.Random) -> Problem:
@@ -278,9 +284,9 @@ class Task:
                 target = rng.choice(targets)
                 prompt = " ".join(map(str, nums)) + f">{target:03d}:"
                 return Problem(self.name, prompt, nums, target)
-        nums = tuple(rng.randint(10, 99) for _ in range(3))
-        ops = tuple(rng.choice("+*") for _ in range(2))
-        prompt = f"{nums[0]}{ops[0]}{nums[1]}{ops[1]}{nums[2]}>"
+        nums = tuple(rng.randint(2, 9) for _ in range(ARITH_OPERANDS))
+        ops = tuple(rng.choice("+*") for _ in range(ARITH_OPERANDS - 1))
+        prompt = "".join(f"{n}{op}" for n, op in zip(nums, ops + (">",)))
         return Problem(self.name, prompt, nums, _arith_value(nums, ops), ops)
 
     def problems(self, split: str, seed: int) -> Iterator[Problem]:

@@ -189,9 +189,13 @@ def _response_logits(model, prompts: torch.Tensor, tokens: torch.Tensor, tempera
 
 # ------------------------------------------------------------------------------------------ warm start
 def warm_start_key(cfg: TrainConfig, vocab_size: int) -> str:
-    blob = json.dumps({"v": WARM_START_VERSION, "task": cfg.task, "model": asdict(cfg.model), "vocab": vocab_size,
-                       "steps": cfg.warm_start_steps, "batch": cfg.warm_start_batch, "lr": cfg.warm_start_lr,
-                       "seed": cfg.warm_start_seed}, sort_keys=True)
+    recipe = {"v": WARM_START_VERSION, "task": cfg.task, "model": asdict(cfg.model), "vocab": vocab_size,
+              "steps": cfg.warm_start_steps, "batch": cfg.warm_start_batch, "lr": cfg.warm_start_lr,
+              "seed": cfg.warm_start_seed}
+    version = get_task(cfg.task).version
+    if version != 1:  # tasks still at their first generator keep the keys of the shipped warm starts
+        recipe["task_version"] = version
+    blob = json.dumps(recipe, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 

@@ -179,3 +179,71 @@ def test_design_frontier_gap_is_paired_by_seed(tmp_path, monkeypatch):
     assert design.frontier_gap("ramp0.7", [], tmp_path) is None
     md = design.table([design.REFERENCE, "ramp0.7"], tmp_path, frontier=True)
     assert md.splitlines()[3].endswith("| +0.030 ± 0.010 (2) |")
+
+
+# ------------------------------------------------------------------------------ issue 15: scripts/field_evidence.py
+import field_evidence as fe  # noqa: E402
+
+
+def test_field_targets_scale_to_the_warm_start():
+    o = fe.method_overrides(0.26, 100)
+    assert o["entropic"] == {"target": 0.182} and o["aepo"] == {"target": 0.182}  # 0.7 x H0
+    # the official band scaled by 0.26 / 0.65 = 0.4: lower 0.6 -> 0.4 becomes 0.24 -> 0.16, upper 0.28 -> 0.2
+    assert o["entrocraft"] == {"lower": "0.24,0.16", "upper": "0.28,0.2", "total_steps": 100}
+    from rlvr_entropy import make_method
+
+    m = make_method("entrocraft", **o["entrocraft"])  # the CLI's string form is accepted by the config
+    assert tuple(m.config.lower) == (0.24, 0.16) and tuple(m.config.upper) == (0.28, 0.2)
+
+
+def _stats(tmp_path, per_method):
+    """Fake runs: per method a list of (pass@1, pass@8, pass@32) per seed; the warm start has pass@32 0.95."""
+    for m, runs in per_method.items():
+        for s, (p1, p8, p32) in enumerate(runs):
+            d = tmp_path / m / f"seed{s}"
+            d.mkdir(parents=True)
+            rows = _rows([1.0] * 3, p1=p1)
+            rows[0]["eval/pass@32"] = 0.95
+            rows[-1].update({"eval/pass@8": p8, "eval/pass@32": p32})
+            (d / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    return ev.table(tmp_path)[1]
+
+
+def test_field_goal_check_by_hand(tmp_path):
+    st = _stats(tmp_path, {"grpo": [(0.52, 0.70, 0.85), (0.54, 0.72, 0.87)],   # pass@8 0.71 ± 0.01
+                           "siren": [(0.48, 0.74, 0.90), (0.48, 0.76, 0.90)],  # 0.75 ± 0.01
+                           "thermostat": [(0.51, 0.77, 0.93), (0.51, 0.79, 0.93)]})  # 0.78 ± 0.01, pass@1 0.51
+    assert fe.warm_reach(tmp_path) == (pytest.approx(0.95), 0.0)
+    lines, met = fe.goal_check(st, None, fe.warm_reach(tmp_path))
+    text = "\n".join(lines)
+    # pass@8: 0.78 - 0.01 = 0.77 > grpo's 0.72 and > siren's 0.76: above both
+    assert met["pass@8 above all at T = 1"] and "above (standard errors apart) grpo, siren; not above none" in text
+    assert met["pass@32 above all at T = 1"]  # 0.93 ± 0 vs 0.86 ± 0.01 and 0.90 ± 0
+    assert met["pass@1 >= siren"] and not met["pass@1 >= grpo"]  # 0.51 vs 0.48 and 0.53
+    assert "pass@1: thermostat 0.510 ± 0.000 vs grpo 0.530 ± 0.010: BELOW its mean" in text
+    assert "vs siren 0.480 ± 0.000: at least its mean" in text
+    assert met["pass@32 within 0.03 of the warm start"]  # 0.93 - 0.95 = -0.02
+    assert "pass@1 >= steer" not in met  # steer did not run: no goal invented
+    # a contender within one standard error is not beaten; the warm start's reach lost by 0.05
+    st = _stats(tmp_path / "b", {"grpo": [(0.5, 0.76, 0.90), (0.5, 0.78, 0.90)],
+                                 "thermostat": [(0.5, 0.78, 0.90), (0.5, 0.78, 0.90)]})
+    lines, met = fe.goal_check(st, None, fe.warm_reach(tmp_path / "b"))
+    assert not met["pass@8 above all at T = 1"] and not met["pass@32 within 0.03 of the warm start"]
+    assert met["pass@1 >= grpo"]  # equal means count as at least
+    assert "not above grpo (best of those: grpo 0.770)" in "\n".join(lines)
+
+
+def test_field_matched_frontier_against_every_other_method():
+    seed = _curve([0.40, 0.44, 0.48, 0.52], [0.70, 0.69, 0.68, 0.67], [0.80, 0.79, 0.78, 0.77])
+    ours = _curve([0.36, 0.40, 0.44, 0.48], [0.75, 0.74, 0.73, 0.72], [0.85, 0.84, 0.83, 0.82])
+    low = _curve([0.40, 0.44, 0.48, 0.52], [0.60] * 4, [0.70] * 4)
+    fr = {"aepo": [seed, seed], "entropic": [low, low], "thermostat": [ours, ours]}
+    got = {(r, t): {k: v[2] for k, v in cmp.items()} for r, t, _, cmp in fe.matched(fr)}
+    assert set(got) == {(m, t) for m in ("aepo", "entropic") for t in ev.FRONTIER_TEMPS}
+    assert all(v == {"eval/pass@8": "above", "eval/pass@32": "above"} for v in got.values())
+    fr["thermostat"] = [low, low]
+    got = {(r, t): cmp["eval/pass@8"][2] for r, t, _, cmp in fe.matched(fr)}
+    assert got[("aepo", 1.0)] == "below" and got[("entropic", 1.0)] == "overlap"
+    st = {m: {k: (0.5, 0.0) for k in ("pass@1", "pass@8", "pass@32")} for m in fr}
+    _, met = fe.goal_check(st, fr, (0.5, 0.0))
+    assert met["pass@8 above all at matched pass@1"] is False

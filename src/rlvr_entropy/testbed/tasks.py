@@ -13,8 +13,9 @@ so a batch of prompts needs no padding.
 
 ``arith``
     Prompt ``"7*8+6*3>"``: four operands 2..9 joined by ``+`` or ``*`` (fixed length 8; three steps, one more
-    than countdown3, so a longer chain of reasoning). The expression is a sum of products. Response: steps ``x op y=z``; a ``*`` step multiplies two factors of the same product term
-    (any two, in either order), a ``+`` step adds two terms that are already single numbers. The response is
+    than countdown3, so a longer chain of reasoning). The expression is a sum of products. Response: steps
+    ``x op y=z``; a ``*`` step multiplies two factors of the same product term (any two, in either order), a
+    ``+`` step adds two terms that are already single numbers. The response is
     correct when every step is legal and right and one number, the expression's value, is left. Several valid
     paths: the order of independent reductions and of the operands, e.g. ``"7*8=56,6*3=18,56+18=74"`` and
     ``"3*6=18,8*7=56,18+56=74"``. (``Task.version`` 2; version 1 had three 2-digit operands, and the 0.86M

@@ -317,6 +317,11 @@ class EntropyGRPOTrainer(GRPOTrainer):
             raise ValueError(f"GRPOConfig.importance_sampling_level={self.importance_sampling_level!r}: "
                              "EntropyGRPOTrainer supports 'token' only")
         self.method = resolve_method(method, method_config, self.args)
+        if callable(getattr(self.method, "rollout_plan", None)):
+            raise ValueError(f"method {self.method.name!r} generates a second set of samples each step at another "
+                             "temperature (rollout_plan / assemble); EntropyGRPOTrainer does not run that generation, "
+                             "and without it the method would silently be GRPO. It runs on the testbed "
+                             f"(rlvr-entropy run --method {self.method.name})")
         note = aggregation_note(self.method, self.args)
         if note and self.accelerator.is_main_process:
             _log.warning(note)

@@ -611,3 +611,15 @@ def test_begin_method_step_feeds_the_rollout_entropy_and_warns_without_it(caplog
     two = TensorDict({"response_mask": mask, "entropy": h, "old_entropy": h}, batch_size=[2])
     with pytest.raises(ValueError, match="several keys"):
         hooks.begin_method_step(worker("entrocraft"), st, two)
+
+
+def test_aepo_is_refused_instead_of_running_as_grpo():
+    """AEPO needs a second generation per step (rollout_plan / assemble) that the plugin does not run: the config
+    (and the loss, through the same check) refuses it instead of silently training GRPO."""
+    from rlvr_entropy.verl.config import validate_method_config
+
+    with pytest.raises(ValueError, match="second set of samples .* would silently be GRPO"):
+        validate_method_config("aepo", {})
+    with pytest.raises(Exception, match="would silently be GRPO"):
+        _actor_config(loss_mode="rle_aepo")
+    assert validate_method_config("entrocraft", {"total_steps": 5}) == {"total_steps": 5}

@@ -55,6 +55,11 @@ def validate_method_config(method: str, method_config: dict[str, Any]) -> dict[s
                          "(clip_ratio_low, clip_ratio_high, clip_ratio_c, loss_agg_mode, loss_scale_factor), "
                          "not here")
     cls = get_method_class(method)
+    if callable(getattr(cls, "rollout_plan", None)):
+        raise ValueError(f"policy_loss.method {method!r} generates a second set of samples each step at another "
+                         "temperature (rollout_plan / assemble); the verl plugin does not run that generation, and "
+                         "without it the method would silently be GRPO. It runs on the testbed "
+                         f"(rlvr-entropy run --method {method})")
     valid = {f.name for f in dataclasses.fields(cls.Config)} - set(VERL_OWNED)
     unknown = sorted(set(cfg) - valid)
     if unknown:

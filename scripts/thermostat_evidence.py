@@ -1,10 +1,10 @@
 """Evidence for issue 6: every entropy method on the built-in Countdown testbed, same budget, several seeds; writes
-the runs, a table (docs/results.md, generated) and entropy-curve plots. Every number in docs/results.md comes from
+the runs, a table (docs/results_issue6.md, generated) and entropy-curve plots. Every number in docs/results_issue6.md comes from
 this script's runs.
 
     python scripts/thermostat_evidence.py [--seeds 20,21,22] [--extra-seeds 23,24,25,26,27] [--steps 100]
                                           [--out runs/evidence] [--jobs 2]
-    python scripts/thermostat_evidence.py --only-report      # rebuild docs/results.md from existing runs
+    python scripts/thermostat_evidence.py --only-report      # rebuild docs/results_issue6.md from existing runs
 
 Protocol (same for every method): countdown3, the shared warm start, 32 prompts x 8 samples per step, 2 minibatches,
 AdamW lr 1e-4, token-mean PPO surrogate with eps 0.2 / 0.28 and no dual-clip (the PG part is held fixed so only the
@@ -392,7 +392,7 @@ def main(argv=None) -> int:
     ap.add_argument("--transfer-task", default="countdown4", help="second task for the transfer check ('' skips)")
     ap.add_argument("--only-report", action="store_true")
     ap.add_argument("--no-frontier", action="store_true", help="skip the temperature frontier section")
-    ap.add_argument("--results", default="docs/results.md")
+    ap.add_argument("--results", default="docs/results_issue6.md")
     a = ap.parse_args(argv)
     seeds = [int(s) for s in a.seeds.split(",")]
     out = Path(a.out)

@@ -32,7 +32,7 @@ from typing import Any
 DEMO_METHODS = ("grpo", "siren", "steer", "thermostat")
 # the demo's training values besides TrainConfig's defaults (key=value overrides still win): 16 prompts x 8 samples
 # per step halve the default's work and still show GRPO's collapse (held-out entropy -42%, pass@8 0.85 -> 0.69 at
-# seed 0) beside SIREN, STEER and the thermostat, so `make run` ends in ~93 s on 2 cores (~145 s at 32 prompts)
+# seed 0) beside SIREN, STEER and the thermostat, so `make run` ends in 79-93 s on 2 cores (~145 s at 32 prompts)
 DEMO_TRAIN = {"prompts_per_step": 16}
 
 

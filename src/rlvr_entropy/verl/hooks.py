@@ -244,9 +244,6 @@ def _steps_per_pass(worker: Any, data: Any) -> int | None:
     return rows // per_rank if per_rank > 0 and rows % per_rank == 0 else None
 
 
-_WARNED_NO_OLD_ENTROPY: set[int] = set()
-
-
 def begin_method_step(worker: Any, state: Any, data: Any) -> Any:
     """``method.begin_step(rollout)`` for a method that decides each step from its own rollout (entrocraft), at the
     start of ``TrainingWorker.train_mini_batch`` on every rank, before any of the rollout's mini-batches: the
@@ -273,8 +270,8 @@ def begin_method_step(worker: Any, state: Any, data: Any) -> Any:
         raise ValueError(f"rlvr-entropy method {name!r}: the batch carries the old-policy entropy under several keys "
                          f"{old}; keep one of {list(OLD_ENTROPY_KEYS)}")
     if not old:
-        if id(state) not in _WARNED_NO_OLD_ENTROPY:
-            _WARNED_NO_OLD_ENTROPY.add(id(state))
+        if "no_old_entropy" not in state.warned:  # once per engine
+            state.warned.add("no_old_entropy")
             import logging
 
             logging.getLogger(__name__).warning(

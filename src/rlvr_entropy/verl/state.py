@@ -102,6 +102,7 @@ class EngineState:
         self._resumed_from: str | None = None   # checkpoint resumed from, when it had no state file
         self._pass_steps: int | None = None     # optimizer steps per pass over the rollout being trained on
         self._pass_done = 0                     # optimizer steps of that rollout closed so far
+        self.warned: set[str] = set()           # one-time warnings already given for this engine
 
     # ----------------------------------------------------------------------------------------- methods
     @property

@@ -42,7 +42,8 @@ from rlvr_entropy.core.aggregation import agg_loss, masked_sum
 from rlvr_entropy.core.batch import TokenBatch
 from rlvr_entropy.core.dist import Collective, LocalCollective, TorchCollective
 from rlvr_entropy.diagnostics import EntropyChangeProbe
-from rlvr_entropy.methods.base import Method, get_method_class, make_method
+from rlvr_entropy.methods.base import (Method, check_one_generation, decides_from_rollout, get_method_class,
+                                       make_method)
 
 _log = logging.getLogger(__name__)
 
@@ -317,11 +318,7 @@ class EntropyGRPOTrainer(GRPOTrainer):
             raise ValueError(f"GRPOConfig.importance_sampling_level={self.importance_sampling_level!r}: "
                              "EntropyGRPOTrainer supports 'token' only")
         self.method = resolve_method(method, method_config, self.args)
-        if callable(getattr(self.method, "rollout_plan", None)):
-            raise ValueError(f"method {self.method.name!r} generates a second set of samples each step at another "
-                             "temperature (rollout_plan / assemble); EntropyGRPOTrainer does not run that generation, "
-                             "and without it the method would silently be GRPO. It runs on the testbed "
-                             f"(rlvr-entropy run --method {self.method.name})")
+        check_one_generation(self.method, self.method.name, "EntropyGRPOTrainer")
         note = aggregation_note(self.method, self.args)
         if note and self.accelerator.is_main_process:
             _log.warning(note)
@@ -331,7 +328,7 @@ class EntropyGRPOTrainer(GRPOTrainer):
                                        else LocalCollective())
         self.method.set_collective(self.collective)
         # methods that decide a step from its own rollout (Method.begin_step overridden, e.g. entrocraft)
-        self._begins_steps = type(self.method).begin_step is not Method.begin_step
+        self._begins_steps = decides_from_rollout(self.method)
         self._begin_pending = False
         if self._begins_steps and self.args.steps_per_generation % self.args.gradient_accumulation_steps:
             raise ValueError(f"method {self.method.name!r} starts each optimizer step with its whole rollout "

@@ -268,6 +268,22 @@ def get_method_class(name: str) -> type[Method]:
     return _REGISTRY[name]
 
 
+def decides_from_rollout(method: Method | type[Method]) -> bool:
+    """True when ``method`` (an instance or a class) overrides ``Method.begin_step``: it decides each step from that
+    step's own rollout (entrocraft), so an engine must call ``begin_step`` before the step's micro-batches."""
+    cls = method if isinstance(method, type) else type(method)
+    return cls.begin_step is not Method.begin_step
+
+
+def check_one_generation(method: Method | type[Method], name: str, engine: str, key: str = "method") -> None:
+    """Raise for a method that adds a second generation per step (``rollout_plan`` / ``assemble``: aepo) in an
+    ``engine`` that does not run it: there the method would silently be GRPO."""
+    if callable(getattr(method, "rollout_plan", None)):
+        raise ValueError(f"{key} {name!r} generates a second set of samples each step at another temperature "
+                         f"(rollout_plan / assemble); {engine} does not run that generation, and without it the "
+                         f"method would silently be GRPO. It runs on the testbed (rlvr-entropy run --method {name})")
+
+
 def make_config(cls: type[Method], **config: Any) -> PGConfig:
     names = {f.name for f in dataclasses.fields(cls.Config)}
     unknown = sorted(set(config) - names)

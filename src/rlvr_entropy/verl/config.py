@@ -19,7 +19,7 @@ from typing import Any
 from verl.workers.config.actor import PolicyLossConfig
 
 from rlvr_entropy.core.validation import check_choice
-from rlvr_entropy.methods.base import PGConfig, available_methods, get_method_class
+from rlvr_entropy.methods.base import PGConfig, available_methods, check_one_generation, get_method_class
 from rlvr_entropy.verl import PREFIX
 
 #: PG fields owned by verl's actor config (clip_ratio_low/high, clip_ratio_c, loss_agg_mode, loss_scale_factor).
@@ -55,11 +55,7 @@ def validate_method_config(method: str, method_config: dict[str, Any]) -> dict[s
                          "(clip_ratio_low, clip_ratio_high, clip_ratio_c, loss_agg_mode, loss_scale_factor), "
                          "not here")
     cls = get_method_class(method)
-    if callable(getattr(cls, "rollout_plan", None)):
-        raise ValueError(f"policy_loss.method {method!r} generates a second set of samples each step at another "
-                         "temperature (rollout_plan / assemble); the verl plugin does not run that generation, and "
-                         "without it the method would silently be GRPO. It runs on the testbed "
-                         f"(rlvr-entropy run --method {method})")
+    check_one_generation(cls, method, "the verl plugin", key="policy_loss.method")
     valid = {f.name for f in dataclasses.fields(cls.Config)} - set(VERL_OWNED)
     unknown = sorted(set(cfg) - valid)
     if unknown:

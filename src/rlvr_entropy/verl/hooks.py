@@ -248,28 +248,23 @@ def begin_method_step(worker: Any, state: Any, data: Any) -> Any:
     """``method.begin_step(rollout)`` for a method that decides each step from its own rollout (entrocraft), at the
     start of ``TrainingWorker.train_mini_batch`` on every rank, before any of the rollout's mini-batches: the
     method named by the worker's loss (``partial(ppo_loss, config=actor_config)``, as verl's ``init_model`` binds
-    it) gets this rank's whole rollout share (``response_mask``, ``old_log_probs``, ``advantages`` and the old
-    policy's entropy, which verl 0.9.1's v1 trainer stores as ``entropy``); its collective spans the engine's DP
-    group. Returns what ``begin_step`` returned (None when nothing was called).
+    it) gets this rank's whole rollout share: the response mask and the old policy's entropy (what ``begin_step``
+    reads; verl 0.9.1's v1 trainer stores it as ``entropy``); its collective spans the engine's DP group. Returns what ``begin_step`` returned (None when nothing was called).
 
     Without the old entropy in the batch (the legacy ``RayPPOTrainer`` pops its ``entropys`` before the update) the
     method cannot decide with its own step's entropy: a warning says so once per engine, and the method falls back
     to its documented lag (it decides from the previous step's micro-batches)."""
-    from rlvr_entropy.methods.base import Method
+    from rlvr_entropy.methods.base import decides_from_rollout
     from rlvr_entropy.verl.config import method_from_loss_mode
-    from rlvr_entropy.verl.loss import OLD_ENTROPY_KEYS
+    from rlvr_entropy.verl.loss import OLD_ENTROPY_KEYS, old_entropy_key
 
     config = getattr(getattr(worker, "loss_fn", None), "keywords", {}).get("config")
     pl = getattr(config, "policy_loss", None) if config is not None else None
     name = method_from_loss_mode(pl.get("loss_mode", "vanilla")) if pl is not None else None
-    if name is None or get_method_class(name).begin_step is Method.begin_step:
+    if name is None or not decides_from_rollout(get_method_class(name)):
         return None
-    keys = set(data.keys())
-    old = [k for k in OLD_ENTROPY_KEYS if k in keys]
-    if len(old) > 1:
-        raise ValueError(f"rlvr-entropy method {name!r}: the batch carries the old-policy entropy under several keys "
-                         f"{old}; keep one of {list(OLD_ENTROPY_KEYS)}")
-    if not old:
+    old = old_entropy_key(data.keys(), f"rlvr-entropy method {name!r}")
+    if old is None:
         if "no_old_entropy" not in state.warned:  # once per engine
             state.warned.add("no_old_entropy")
             import logging
@@ -280,12 +275,12 @@ def begin_method_step(worker: Any, state: Any, data: Any) -> Any:
                 "'entropys'): it decides from the previous step's micro-batches instead (one step of lag)",
                 name, list(OLD_ENTROPY_KEYS))
         return None
-    pd = data.select("response_mask", old[0]).to_padded_tensor()
+    pd = data.select("response_mask", old).to_padded_tensor()
     mask = pd["response_mask"].to(torch.bool)
     zero = torch.zeros(mask.shape, dtype=torch.float32)  # begin_step reads the entropy and the mask only
     method = state.method(name, config)
     return method.begin_step(TokenBatch(log_prob=zero, old_log_prob=zero, advantages=zero[:, 0], mask=mask,
-                                        old_entropy=pd[old[0]]))
+                                        old_entropy=pd[old]))
 
 
 def install_worker_hooks() -> bool:

@@ -190,6 +190,16 @@ def make_registered_loss(name: str):
 OLD_ENTROPY_KEYS = ("old_entropy", "entropy", "old_entropys", "entropys")
 
 
+def old_entropy_key(keys: Any, who: str) -> str | None:
+    """The one key of :data:`OLD_ENTROPY_KEYS` among ``keys`` (a batch's), None without one; several raise (``who``
+    names the caller in the error)."""
+    found = [k for k in OLD_ENTROPY_KEYS if k in set(keys)]
+    if len(found) > 1:
+        raise ValueError(f"{who}: the batch carries the old-policy entropy under several keys {found}; keep one of "
+                         f"{list(OLD_ENTROPY_KEYS)}")
+    return found[0] if found else None
+
+
 def entropy_ppo_loss(config: Any, model_output: dict[str, Any], data: Any, dp_group: Any = None, *,
                      state: Any = None, observe: bool | None = None):
     """Drop-in for ``verl.workers.utils.losses.ppo_loss`` that feeds entropy (and rewards) to the method.
@@ -225,20 +235,17 @@ def entropy_ppo_loss(config: Any, model_output: dict[str, Any], data: Any, dp_gr
     owner = _owner(name, state)
     owner.check_group(dp_group)
     keys = set(data.keys())
-    old_keys = [k for k in OLD_ENTROPY_KEYS if k in keys]
-    if len(old_keys) > 1:
-        raise ValueError(f"{PREFIX}{name}: the batch carries the old-policy entropy under several keys {old_keys}; "
-                         f"keep one of {list(OLD_ENTROPY_KEYS)}")
+    old_key = old_entropy_key(keys, f"{PREFIX}{name}")
     method = owner.method(name, config)
     reads = "logits" in method.needs  # instance-level: entropy_bonus reads the distribution only when clamped
     fields = ["response_mask", "old_log_probs", "advantages", *(["responses"] if reads else [])]
-    optional = ["rollout_is_weights", "ref_log_prob", *old_keys, "token_level_scores"]
+    optional = ["rollout_is_weights", "ref_log_prob", *([old_key] if old_key else []), "token_level_scores"]
     fields += [k for k in optional if k in keys]
     rewards = data["rewards"] if "rewards" in data.keys() else None
     group_reward = data["group_reward"] if "group_reward" in data.keys() else None
     pd = data.select(*fields).to_padded_tensor()
     mask = pd["response_mask"].to(bool)
-    old_entropy = pd[old_keys[0]] if old_keys else None
+    old_entropy = pd[old_key] if old_key else None
     if rewards is None and "token_level_scores" in pd.keys():
         rewards = torch.where(mask, pd["token_level_scores"], 0).sum(-1)
     if isinstance(rewards, torch.Tensor) and rewards.is_nested:
@@ -312,4 +319,4 @@ def install_loss() -> None:
 
 
 __all__ = ["entropy_ppo_loss", "install_loss", "make_registered_loss", "method_loss", "method_for", "pg_fields",
-           "OLD_ENTROPY_KEYS", "VERL_OWNED"]
+           "OLD_ENTROPY_KEYS", "old_entropy_key", "VERL_OWNED"]

@@ -28,8 +28,6 @@ strong selective bonus, the first two seeds): the entropy range.
 from __future__ import annotations
 
 import argparse
-import json
-import math
 import sys
 import time
 from pathlib import Path
@@ -74,40 +72,16 @@ def method_overrides(h0: float, steps: int) -> dict[str, dict[str, object]]:
             "entrocraft": {"lower": band(l0, l1), "upper": band(u0, u1), "total_steps": steps}}
 
 
-def _mean_se(xs):
-    return ev._mean_se(list(xs))
-
-
-def _above(a: tuple[float, float], b: tuple[float, float]) -> bool:
-    """a's mean - se above b's mean + se (standard errors do not overlap)."""
-    return a[0] - a[1] > b[0] + b[1]
-
-
 def matched(fr: dict[str, list[list[dict]]], ours: str = OURS):
-    """For every other method with frontiers, at each of its temperatures: (method, T, its pass@1, {key: (its
-    (mean, se), ours at that pass@1 (mean, se), verdict)}) for pass@8 and pass@32; verdict "above" / "below" when
-    the standard errors do not overlap, else "overlap"."""
-    from rlvr_entropy.testbed.frontier import at_matched
-
-    th = fr.get(ours)
-    for r in [m for m in fr if m != ours]:
-        if not th:
-            return
-        for i, t in enumerate(ev.FRONTIER_TEMPS):
-            x = _mean_se(run[i]["eval/pass@1"] for run in fr[r])
-            cmp = {}
-            for k in ("eval/pass@8", "eval/pass@32"):
-                ref = _mean_se(run[i][k] for run in fr[r])
-                mine = _mean_se(at_matched(run, "eval/pass@1", x[0], k) for run in th)
-                cmp[k] = (ref, mine, "above" if _above(mine, ref) else "below" if _above(ref, mine) else "overlap")
-            yield r, t, x, cmp
+    """:func:`thermostat_evidence._matched` against every other method with frontiers (each of its temperatures)."""
+    return ev._matched(fr, [m for m in fr if m != ours], ours)
 
 
 def warm_reach(root: Path) -> tuple[float, float]:
     """The warm start's pass@32 (step-0 evaluation), mean and se over every run under ``root``."""
     vals = [rows[0].get("eval/pass@32") for runs in ev._runs(root).values() for rows in runs
             if rows and "eval/pass@1" in rows[0]]
-    return _mean_se(v for v in vals if v is not None)
+    return ev._mean_se([v for v in vals if v is not None])
 
 
 def goal_check(stats: dict, fr: dict | None, reach0: tuple[float, float], ours: str = OURS) -> tuple[list[str], dict]:
@@ -118,7 +92,7 @@ def goal_check(stats: dict, fr: dict | None, reach0: tuple[float, float], ours: 
     others = [m for m in stats if m != ours]
     lines, met = [], {}
     for k in ("pass@8", "pass@32"):
-        beaten = [o for o in others if _above(t[k], stats[o][k])]
+        beaten = [o for o in others if ev._above(t[k], stats[o][k])]
         lost = [o for o in others if o not in beaten]
         met[f"{k} above all at T = 1"] = not lost
         lines.append(f"- {k} at T = 1: {ours} {t[k][0]:.3f} ± {t[k][1]:.3f}; above (standard errors apart) "

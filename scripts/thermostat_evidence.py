@@ -269,14 +269,19 @@ def sweep_frontiers(root: Path, methods: list[str], jobs: int) -> dict[str, list
     return out
 
 
-def _matched(fr: dict[str, list[list[dict]]]):
-    """For siren and steer (when both they and the thermostat have frontiers), at each temperature: (method, T, its
-    pass@1 (mean, se), {key: (its (mean, se), thermostat's (mean, se) at that pass@1, verdict)}) for pass@8 and
-    pass@32; verdict "above" / "below" when the standard errors do not overlap, else "overlap"."""
+def _above(a: tuple[float, float], b: tuple[float, float]) -> bool:
+    """(mean, se) ``a`` above ``b`` with non-overlapping standard errors: a's mean - se > b's mean + se."""
+    return a[0] - a[1] > b[0] + b[1]
+
+
+def _matched(fr: dict[str, list[list[dict]]], refs=("siren", "steer"), ours: str = "thermostat"):
+    """For each method of ``refs`` (when both it and ``ours`` have frontiers), at each temperature: (method, T, its
+    pass@1 (mean, se), {key: (its (mean, se), ours' (mean, se) at that pass@1, verdict)}) for pass@8 and pass@32;
+    verdict "above" / "below" when the standard errors do not overlap, else "overlap"."""
     from rlvr_entropy.testbed.frontier import at_matched
 
-    th = fr.get("thermostat")
-    for r in ("siren", "steer"):
+    th = fr.get(ours)
+    for r in refs:
         if r not in fr or not th:
             continue
         for i, t in enumerate(FRONTIER_TEMPS):
@@ -284,9 +289,8 @@ def _matched(fr: dict[str, list[list[dict]]]):
             cmp = {}
             for k in ("eval/pass@8", "eval/pass@32"):
                 ref = _mean_se([run[i][k] for run in fr[r]])
-                ours = _mean_se([at_matched(run, "eval/pass@1", x[0], k) for run in th])
-                cmp[k] = (ref, ours, "above" if ours[0] - ours[1] > ref[0] + ref[1] else
-                          "below" if ours[0] + ours[1] < ref[0] - ref[1] else "overlap")
+                mine = _mean_se([at_matched(run, "eval/pass@1", x[0], k) for run in th])
+                cmp[k] = (ref, mine, "above" if _above(mine, ref) else "below" if _above(ref, mine) else "overlap")
             yield r, t, x, cmp
 
 
@@ -358,10 +362,8 @@ def goal_check(stats: dict) -> list[str]:
         if not s:
             continue
         for k in ("pass@8", "pass@32"):
-            lo_t = t[k][0] - t[k][1]
-            hi_s = s[k][0] + s[k][1]
             out.append(f"- {k}: thermostat {t[k][0]:.3f} ± {t[k][1]:.3f} vs {seed_m} {s[k][0]:.3f} ± {s[k][1]:.3f}: "
-                       f"{'above, standard errors do not overlap' if lo_t > hi_s else 'NOT separated'}")
+                       f"{'above, standard errors do not overlap' if _above(t[k], s[k]) else 'NOT separated'}")
         (tm, tse), (sm, sse) = t["pass@1"], s["pass@1"]
         if tm >= sm:
             verdict = "no worse (mean at or above)"

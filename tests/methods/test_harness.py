@@ -338,3 +338,46 @@ def test_lm_head_route_equals_logits_route(name, config):
         torch.testing.assert_close(x, y, rtol=1e-8, atol=1e-11, msg=nm)
     assert torch.equal(gb[0][~mask], torch.zeros_like(gb[0][~mask]))  # no gradient reaches padding
     assert any(float(x.abs().sum()) > 0 for x in gb)
+
+
+def _zero_advantage_rows_violation(name: str, seed: int = 50) -> str | None:
+    """Why ``name`` is not inert on rows with zero advantage (None when it is): the loss, the live rows'
+    gradients and the state after the step, with the full batch vs with the dead rows' log_prob replaced by
+    old_log_prob and no logits / entropy (what the testbed passes to a method claiming inertness)."""
+    leaves, _ = make_leaves(B=6, seed=seed)
+    leaves["advantages"] = torch.tensor([0.9, -0.6, 0.0, 0.4, 0.0, -0.7], dtype=torch.float64)
+    dead = leaves["advantages"] == 0
+    a, b = fresh(name), fresh(name)
+    out_a, grads_a = loss_and_grads(a, leaves, step=0)
+    a.end_step()
+    lp = torch.where(dead[:, None], leaves["old_log_prob"], leaves["log_prob"].detach()).requires_grad_(True)
+    lean = {**leaves, "log_prob": lp, "logits": None, "entropy": None}
+    try:
+        out_b, grads_b = loss_and_grads(b, lean, step=0)
+    except ValueError as e:  # it needs what a lean batch does not carry
+        return f"needs more than a lean batch: {e}"
+    b.end_step()
+    if not torch.allclose(out_a.loss, out_b.loss, rtol=1e-12, atol=1e-14):
+        return f"loss {float(out_a.loss.detach())} != {float(out_b.loss.detach())}"
+    for f, g in grads_a.items():
+        if not torch.equal(g[dead], torch.zeros_like(g[dead])):
+            return f"dead rows get a gradient through {f}"
+    if not torch.allclose(grads_a["log_prob"][~dead], grads_b["log_prob"][~dead], rtol=1e-12, atol=1e-14):
+        return "the live rows' gradient changes"
+    if a.state_dict() != b.state_dict():
+        return "the state after the step changes"
+    return None
+
+
+def test_zero_advantage_rows_inert_claims_hold(name):
+    cls = re.get_method_class(name)
+    if not cls.zero_advantage_rows_inert:
+        pytest.skip(f"{name} makes no claim")
+    for seed in (50, 51, 52):
+        assert _zero_advantage_rows_violation(name, seed) is None
+
+
+@pytest.mark.parametrize("other", ["siren", "entropy_bonus", "thermostat", "w_reinforce"])
+def test_zero_advantage_rows_check_catches_methods_that_are_not_inert(other):
+    assert not re.get_method_class(other).zero_advantage_rows_inert
+    assert _zero_advantage_rows_violation(other) is not None

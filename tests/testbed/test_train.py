@@ -213,3 +213,40 @@ def test_seq_mean_token_sum_norm_takes_the_testbed_response_length(tmp_path):
     train("siren", cfg, tmp_path / "b", {"norm_length": 100}, progress=False, log=lines.append)
     got = json.loads((tmp_path / "b" / "config.json").read_text())
     assert got["method_config"]["norm_length"] == 100 and not any("max completion length" in x for x in lines)
+
+
+INERT = [m for m in rlvr_entropy.available_methods()
+         if rlvr_entropy.get_method_class(m).zero_advantage_rows_inert]
+
+
+@pytest.mark.parametrize("reward", ["mixed", "none"])
+@pytest.mark.parametrize("method", INERT)
+def test_skipping_zero_advantage_rows_trains_the_same(method, reward, tmp_path, monkeypatch):
+    """A method whose zero-advantage rows are inert trains the same with their forward skipped: same records,
+    same parameters (to float rounding); half the groups here are all wrong, so rows really are skipped."""
+    import rlvr_entropy.testbed.train as T
+
+    if reward == "mixed":  # groups of prompts with an even first number all fail: their rows have advantage 0
+        monkeypatch.setattr(Task, "verify", lambda self, p, r: int(p.prompt[0]) % 2 == 1 and len(r) % 2 == 0)
+    else:
+        monkeypatch.setattr(Task, "verify", lambda self, p, r: False)
+    seen = []
+    real = T._live_log_prob
+    monkeypatch.setattr(T, "_live_log_prob", lambda *a: seen.append(a[4].float().mean()) or real(*a))
+    cfg = TrainConfig(steps=3, **{**TINY, "prompts_per_step": 8})
+    train(method, cfg, tmp_path / "lean", progress=False)
+    assert seen and min(seen) < 1.0
+    monkeypatch.setattr(rlvr_entropy.get_method_class(method), "zero_advantage_rows_inert", False)
+    n = len(seen)
+    train(method, cfg, tmp_path / "full", progress=False)
+    assert len(seen) == n  # the full path never skips
+    a, b = _rows(tmp_path / "lean"), _rows(tmp_path / "full")
+    keep = ("step", "reward", "entropy", "response_len", "eval/pass@1", "eval/entropy", f"{method}/loss")
+    for x, y in zip(a, b):
+        assert {k: x[k] for k in keep if k in x} == pytest.approx({k: y[k] for k in keep if k in y}, rel=1e-4)
+    pa = torch.load(tmp_path / "lean" / "ckpt.pt", weights_only=False)["model"]
+    pb = torch.load(tmp_path / "full" / "ckpt.pt", weights_only=False)["model"]
+    for k in pa:
+        torch.testing.assert_close(pa[k], pb[k], rtol=1e-4, atol=1e-6)
+    if reward == "none":
+        assert max(seen) == 0.0

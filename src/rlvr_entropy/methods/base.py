@@ -79,6 +79,13 @@ class Method:
     smooth_in_inputs: ClassVar[bool] = True
     #: Batch fields the method reads only under stop-gradient (e.g. entropy used for a mask or an advantage bonus).
     detached_inputs: ClassVar[tuple[str, ...]] = ()
+    #: True when a row whose advantage is 0 at every valid position changes neither the loss's value nor its
+    #: gradient, nor any controller state, through its log_prob, logits or entropy (it only counts in the
+    #: aggregation's denominators, through its mask). A caller may then skip such rows' forward and pass their
+    #: ``old_log_prob`` as ``log_prob``, and no logits or entropy for the batch: the testbed does. The claim is
+    #: checked for every method that makes it (tests/methods/test_harness.py); a method that needs logits or
+    #: entropy cannot make it.
+    zero_advantage_rows_inert: ClassVar[bool] = False
     #: Names of the sums the controllers measure over a step (reduced with a sum over every process).
     observes: ClassVar[tuple[str, ...]] = ()
     #: "step": the sums are reduced and the controllers update at every ``end_step``; "rollout": only at an

@@ -89,6 +89,7 @@ class CEGPPO(Method):
     #: r / sg(r) has value 1 and gradient r / r: finite differences see PPO's flat clipped value where autograd sees
     #: the preserved gradient, by design (tests/methods/test_ce_gppo.py checks the gradient against the paper's).
     smooth_in_inputs = False
+    zero_advantage_rows_inert = True  # every token's loss is a multiple of its advantage
 
     @classmethod
     def neutral_overrides(cls):

@@ -27,6 +27,7 @@ class GRPOConfig(PGConfig):
 class GRPO(Method):
     name = "grpo"
     Config = GRPOConfig
+    zero_advantage_rows_inert = True  # every token's loss is a multiple of its advantage
 
     def _loss(self, batch, *, new_step):
         terms = self.pg_terms(batch)

@@ -177,6 +177,7 @@ class Steer(Method):
     Config = SteerConfig
     smooth_in_inputs = False  # weights are stop-gradient functions of log_prob
     detached_inputs = ("entropy",)
+    zero_advantage_rows_inert = True  # token losses and magnitudes m are multiples of A (m = 0 on such rows)
 
     @classmethod
     def neutral_overrides(cls):

@@ -187,6 +187,20 @@ def _response_logits(model, prompts: torch.Tensor, tokens: torch.Tensor, tempera
     return response_logits(model, prompts, tokens, temperature)
 
 
+def _live_log_prob(model, prompts: torch.Tensor, tokens: torch.Tensor, old_log_prob: torch.Tensor,
+                   live: torch.Tensor, temperature: float) -> tuple[torch.Tensor, torch.Tensor | bool]:
+    """log_prob [b, T] of a minibatch for a method whose zero-advantage rows are inert
+    (``Method.zero_advantage_rows_inert``): the policy's at the ``live`` rows (bool [b]), ``old_log_prob`` (a
+    constant) at the others, whose forward is skipped. Returns (log_prob, live), live False when no row is live."""
+    if not bool(live.any()):
+        return old_log_prob, False
+    rows = live.nonzero().squeeze(1)
+    tk = tokens[rows]
+    logits = _response_logits(model, prompts[rows], tk, temperature)  # [live, T, V]
+    lp = torch.log_softmax(logits, -1).gather(-1, tk[..., None]).squeeze(-1)
+    return old_log_prob.index_put((rows,), lp), live
+
+
 # ------------------------------------------------------------------------------------------ warm start
 def warm_start_key(cfg: TrainConfig, vocab_size: int) -> str:
     recipe = {"v": WARM_START_VERSION, "task": cfg.task, "model": asdict(cfg.model), "vocab": vocab_size,
@@ -678,6 +692,8 @@ def _train(method_name, cfg, out_dir, method_overrides, resume, progress, use_ca
                                          group_reward_std=group_std, group_size=group_size))
         N = prompts.shape[0]
         mb = N // cfg.minibatches
+        # rows with zero advantage (groups all right or all wrong) are inert for some methods: skip their forward
+        lean = method.zero_advantage_rows_inert and ref_model is None and adv.dim() == 1
         agg: dict[str, float] = {}
         n_mb = 0
         for _ in range(cfg.epochs):
@@ -687,21 +703,31 @@ def _train(method_name, cfg, out_dir, method_overrides, resume, progress, use_ca
                 tk, m = s.tokens[idx], s.mask[idx]
                 T = int(m.sum(1).max())  # trim the all-padding tail
                 tk, m = tk[:, :T], m[:, :T]
-                logits = _response_logits(model, prompts[idx], tk, cfg.temperature)  # [b, T, V]
-                logp = torch.log_softmax(logits, -1).gather(-1, tk[..., None]).squeeze(-1)  # [b, T]
+                if lean:
+                    logp, live = _live_log_prob(model, prompts[idx], tk, s.log_prob[idx, :T], adv[idx] != 0,
+                                                cfg.temperature)
+                    logits = entropy = None
+                else:
+                    logits = _response_logits(model, prompts[idx], tk, cfg.temperature)  # [b, T, V]
+                    logp = torch.log_softmax(logits, -1).gather(-1, tk[..., None]).squeeze(-1)  # [b, T]
+                    entropy, live = entropy_fn(logits, mask=m), True
                 ref = None
                 if ref_model is not None:
                     with torch.no_grad():
                         ref = torch.log_softmax(_response_logits(ref_model, prompts[idx], tk, cfg.temperature),
                                                 -1).gather(-1, tk[..., None]).squeeze(-1)
                 batch = TokenBatch(log_prob=logp, old_log_prob=s.log_prob[idx, :T], advantages=adv[idx], mask=m,
-                                   logits=logits, entropy=entropy_fn(logits, mask=m),
+                                   logits=logits, entropy=entropy,
                                    old_entropy=s.entropy[idx, :T], ref_log_prob=ref, rewards=rewards[idx],
                                    group_reward=group_reward[idx], group_reward_std=group_std[idx],
                                    group_size=group_size[idx])
                 lo = method.compute_loss(batch, step=step)
                 opt.zero_grad(set_to_none=True)
-                lo.loss.backward()
+                if live is False:  # every row inert: the gradient is exactly 0, and the optimizer still steps
+                    for p in model.parameters():
+                        p.grad = torch.zeros_like(p)
+                else:
+                    lo.loss.backward()
                 gn = (torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip) if cfg.grad_clip > 0
                       else torch.zeros(()))
                 opt.step()

@@ -77,6 +77,15 @@ VARIANTS: dict[str, tuple[dict[str, object], str]] = {
                         "anneal_start": 60, "anneal_steps": 30, "anneal_end_scale": 0.5},
                        "as anneal-sharpen without the penalty: the floor descends and the policy gradient alone "
                        "lowers entropy"),
+    "reach0.03": ({"target_end_scale": 0.7, "schedule_steps": 40, "floor": "true", "allocation": "efficient",
+                   "reach_tol": 0.03, "reach_gain": 0.5, "reach_min_scale": 0.3},
+                  "as the default, the floor's level moved by the training batch's reach (share of prompts with a "
+                  "solved sample): it descends while the reach holds, rises when it falls > 0.03 below its start "
+                  "(gain 0.5, lowest 0.3 x H0)"),
+    "reach0": ({"target_end_scale": 0.7, "schedule_steps": 40, "floor": "true", "allocation": "efficient",
+                "reach_tol": 0.0, "reach_gain": 0.25, "reach_min_scale": 0.3},
+               "as reach0.03 with no tolerance and gain 0.25: the floor descends only while the reach is above its "
+               "start"),
 }
 # explicit (the first default's settings), so the variants do not move with the defaults
 BASE = {"target_scale": 1.0, "schedule_steps": 20, "floor": "false", "allocation": "uniform"}
@@ -175,7 +184,8 @@ def main(argv=None) -> int:
     ap.add_argument("--variants", default=",".join(VARIANTS))
     ap.add_argument("--seeds", default="10,11")
     ap.add_argument("--steps", type=int, default=100)
-    ap.add_argument("--out", default="runs/design")
+    ap.add_argument("--out", default=None, help="default runs/design (countdown3), runs/design-<task> otherwise")
+    ap.add_argument("--task", default="countdown3")
     ap.add_argument("--jobs", type=int, default=2)
     ap.add_argument("--only-report", action="store_true")
     ap.add_argument("--table", default=None, help="also write the markdown table to this file")
@@ -186,9 +196,10 @@ def main(argv=None) -> int:
     unknown = [n for n in names if n not in VARIANTS]
     if unknown:
         ap.error(f"unknown variants {unknown}; known: {list(VARIANTS)}")
-    out = Path(a.out)
+    out = Path(a.out or ("runs/design" if a.task == "countdown3" else f"runs/design-{a.task}"))
     if not a.only_report:
-        rc = run_all(names, [int(s) for s in a.seeds.split(",")], a.steps, out, a.jobs)
+        rc = run_all(names, [int(s) for s in a.seeds.split(",")], a.steps, out, a.jobs,
+                     task=None if a.task == "countdown3" else a.task)
         if rc:
             return rc
     md = table(names, out, frontier=a.frontier, jobs=a.jobs)

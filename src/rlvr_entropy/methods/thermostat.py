@@ -51,6 +51,7 @@ import torch
 
 from rlvr_entropy import stats
 from rlvr_entropy.controllers.pi import EntropyPI
+from rlvr_entropy.controllers.reach import ReachFloor
 from rlvr_entropy.core.aggregation import masked_mean
 from rlvr_entropy.core.validation import check_choice, check_float, check_int
 from rlvr_entropy.methods.base import Method, PGConfig, register_method
@@ -138,6 +139,15 @@ class ThermostatConfig(PGConfig):
     control_only_unsolved: bool = False
     """With ``solved_at``: leave the solved problems' tokens out of the controlled quantity and its target, so
     only the entropy on unsolved problems is held (and only they can be damped)."""
+    reach_tol: float | None = None
+    """Reach-gated floor (None: off, the fixed ramp above). The floor's level follows the training batch's reach
+    (share of prompts whose group solved at least one sample; reads ``TokenBatch.group_reward``): it descends while
+    the reach holds and rises when it falls more than this below its reference (controllers/reach.py); the
+    schedule fields are then unused."""
+    reach_gain: float = 0.5
+    """Gain of the reach-gated floor (per step, on the reach error)."""
+    reach_min_scale: float = 0.3
+    """Lowest level of the reach-gated floor, x the first measured entropy."""
     allocation: str = "efficient"
     """How the cancellation is shared inside the wrong-way set. "uniform": one weight lambda for every wrong-way
     token. "efficient": w_t = clip(1 - c e_t, weight_min, 1) with e_t = |d_t| / |A_t r_t| (the entropy change per
@@ -170,6 +180,10 @@ class ThermostatConfig(PGConfig):
         check_choice("damp_first", self.damp_first, ("none", "negative", "positive"))
         check_choice("protect", self.protect, ("none", "low_prob"))
         check_choice("allocation", self.allocation, ("uniform", "efficient"))
+        if self.reach_tol is not None:
+            check_float("reach_tol", self.reach_tol, lo=0.0, hi=1.0)
+        check_float("reach_gain", self.reach_gain, lo=0.0)
+        check_float("reach_min_scale", self.reach_min_scale, lo=0.0, hi=1.0)
         if self.solved_at is not None:
             check_float("solved_at", self.solved_at)
         check_choice("damp_only", self.damp_only, ("all", "solved", "unsolved"))
@@ -332,20 +346,27 @@ class Thermostat(Method):
     Config = ThermostatConfig
     needs = ("logits",)
     smooth_in_inputs = False  # weights are detached functions of log_prob and logits
-    observes = ("entropy_sum", "tokens")
+    observes = ("entropy_sum", "tokens", "reach_rows", "rows")
 
     def __init__(self, config=None, **overrides):
         super().__init__(config, **overrides)
         c = self.config
+        gated = c.reach_tol is not None
+        self.reach = ReachFloor(c.reach_tol, c.reach_gain, min_scale=c.reach_min_scale) if gated else None
         self.pi = EntropyPI(c.kp, c.ki, i_max=c.i_max, target=c.target, target_end=c.target_end,
-                            schedule_steps=c.schedule_steps, target_scale=c.target_scale,
+                            schedule_steps=None if gated else c.schedule_steps, target_scale=c.target_scale,
                             target_end_scale=None if c.target_end is not None else c.target_end_scale,
                             floor=c.floor, anneal_start=c.anneal_start, anneal_steps=c.anneal_steps,
                             anneal_end_scale=c.anneal_end_scale if c.anneal_start is not None else None,
                             anneal_two_sided=c.sharpen > 0)
 
     def controllers(self):
-        return {"pi": self.pi}
+        return {"pi": self.pi, **({"reach": self.reach} if self.reach is not None else {})}
+
+    def load_state_dict(self, state):
+        super().load_state_dict(state)
+        if self.reach is not None:
+            self.pi.target_scale = self.reach.m
 
     @classmethod
     def neutral_overrides(cls):
@@ -382,6 +403,10 @@ class Thermostat(Method):
         # the controlled quantity: token-mean entropy over the eligible positions (all valid tokens by default)
         h_now = masked_mean(h_tok, eligible)
         self.observe(entropy_sum=torch.where(eligible, h_tok.to(torch.float64), 0.0).sum(), tokens=eligible.sum())
+        if self.reach is not None:  # rows whose group solved at least one sample
+            gr = batch.require("group_reward", self.name).detach()
+            rows = mask.any(-1)
+            self.observe(reach_rows=(rows & (gr > 0).to(rows.device)).sum(), rows=rows.sum())
         first = None if c.damp_first == "none" else (adv < 0 if c.damp_first == "negative" else adv > 0)
         u = self.pi.u
         beta = 0.0
@@ -405,6 +430,8 @@ class Thermostat(Method):
             metrics = self.pg_metrics(terms, batch)
             metrics.update({
                 "target": float(self.pi.target) if self.pi.target is not None else float("nan"),
+                **({"reach_ema": self.reach.ema if self.reach.ema is not None else float("nan"),
+                    "floor_scale": self.reach.m} if self.reach is not None else {}),
                 "entropy": h_now,
                 "token_entropy": masked_mean(h_tok, mask),
                 "eligible_frac": masked_mean(eligible.float(), mask),
@@ -425,5 +452,7 @@ class Thermostat(Method):
         return loss, metrics
 
     def _update(self, sums):
+        if self.reach is not None and sums["rows"] > 0:  # the floor's level for this step's error
+            self.pi.target_scale = self.reach.update(sums["reach_rows"] / sums["rows"])
         if sums["tokens"] > 0:  # the controlled quantity over the whole step, every rank
             self.pi.update(sums["entropy_sum"] / sums["tokens"])

@@ -37,6 +37,7 @@ def make_leaves(B=4, T=7, V=13, seed=0, dtype=torch.float64, scale=2.0, mask=Non
         old_entropy=old_ent.detach(),
         ref_log_prob=(log_prob + 0.1 * torch.randn(B, T, generator=g, dtype=dtype)).detach(),
         rewards=rewards,
+        group_reward=rewards.clone(),  # each row its own group (thermostat's reach reads it)
     )
     return leaves, tokens
 
@@ -70,7 +71,7 @@ def pad_leaves(leaves, extra=3, fill=float("nan")):
     """Append ``extra`` padded positions to every per-token field, filled with ``fill`` (NaN by default)."""
     out = {}
     for k, v in leaves.items():
-        if v is None or k in ("advantages", "rewards"):
+        if v is None or k in ("advantages", "rewards", "group_reward"):
             out[k] = v
             continue
         if k == "mask":

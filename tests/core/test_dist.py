@@ -71,8 +71,10 @@ def _rank_batch(rank: int, step: int) -> re.TokenBatch:
     mask = torch.ones(B, T, dtype=torch.bool)
     if rank == 1:
         mask[2] = False
+    # each response's group mean reward (thermostat's reach): which groups solved something differs by rank
+    group_reward = torch.rand(B, generator=g, dtype=torch.float64) * (torch.rand(B, generator=g) < 0.6)
     return re.TokenBatch(log_prob=lp, old_log_prob=lp, advantages=torch.randn(B, generator=g, dtype=torch.float64),
-                         mask=mask, logits=logits)
+                         mask=mask, logits=logits, group_reward=group_reward)
 
 
 _NAMES = ("siren", "thermostat", "adaptive_entropy", "forking_tokens", "kl_cov")

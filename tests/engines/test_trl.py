@@ -81,6 +81,7 @@ def _inputs(tok, seed=0):
     return {"prompt_ids": torch.randint(3, V, (B, P), generator=g), "prompt_mask": torch.ones(B, P, dtype=torch.long),
             "completion_ids": torch.randint(3, V, (B, T), generator=g), "completion_mask": completion_mask,
             "advantages": torch.tensor([1.0, -0.5, 0.8, -1.3]), "old_per_token_logps": None,
+            "group_reward": torch.tensor([0.5, 0.25, 0.5, 0.25]),  # as _generate_and_score_completions adds it
             "num_items_in_batch": completion_mask.sum().float()}
 
 
@@ -422,8 +423,8 @@ def test_save_refuses_state_that_differs_across_ranks(tok, tmp_path):
 
 # ------------------------------------------------------------------------------------ inputs and diagnostics
 def test_group_reward_reaches_the_method(tok, tmp_path):
-    """Each completion carries its group's mean reward (thermostat's difficulty split reads it), std and size."""
-    t = _trainer(tok, tmp_path, "thermostat", {"solved_at": 0.5, "damp_only": "solved"})
+    """Each completion carries its group's mean reward (thermostat's reach-gated floor reads it), std and size."""
+    t = _trainer(tok, tmp_path, "thermostat", {})
     seen = []
     inner = t.method.compute_loss
 
@@ -453,7 +454,7 @@ def test_group_reward_reaches_the_method(tok, tmp_path):
     means = torch.combinations(rewards, 4).mean(1)
     assert all(bool((means - v).abs().min() < 1e-6) for v in values)
     logged = set().union(*[set(h) for h in t.state.log_history])
-    assert "thermostat/unsolved_frac" in logged
+    assert "thermostat/floor_scale" in logged and t.method.reach.steps > 0
 
 
 def test_entropy_change_diagnostics_logged(tok, tmp_path):

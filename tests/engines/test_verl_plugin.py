@@ -401,7 +401,8 @@ def test_lm_head_source_equals_the_methods_on_response_logits():
 
     temp = 0.7
     for name in ("siren", "lp_reg", "thermostat"):
-        cfg = _actor_config(loss_mode=f"rle_{name}")
+        cfg = _actor_config(loss_mode=f"rle_{name}",
+                            **({"method_config": {"reach_tol": None}} if name == "thermostat" else {}))
         loss_fn = functools.partial(entropy_ppo_loss, config=cfg)
         assert hooks.reads_distribution(loss_fn) and not hooks.reads_distribution(None)
         assert not hooks.reads_distribution(functools.partial(entropy_ppo_loss,
@@ -418,7 +419,8 @@ def test_lm_head_source_equals_the_methods_on_response_logits():
             else:
                 lp = no_padding_2_padding(out["log_probs"], data)
                 pd = data.select("response_mask", "old_log_probs", "advantages").to_padded_tensor()
-                loss = make_method(name, **_pg(cfg, name)).compute_loss(TokenBatch(
+                extra = {"reach_tol": None} if name == "thermostat" else {}
+                loss = make_method(name, **_pg(cfg, name), **extra).compute_loss(TokenBatch(
                     log_prob=lp, old_log_prob=pd["old_log_probs"], advantages=pd["advantages"],
                     mask=pd["response_mask"].bool(), logits=_response_logits(rmpad, data, lp.shape[1]) / temp,
                     entropy=no_padding_2_padding(out["entropy"], data)), step=1).loss

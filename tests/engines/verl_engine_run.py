@@ -146,7 +146,7 @@ def make_model_dir(path: str) -> None:
 # -------------------------------------------------------------------------------------- configuration
 METHODS = {  # name -> (loss_mode, method_config)
     "siren": ("rle_siren", {"top_p": 0.9}),
-    "thermostat": ("rle_thermostat", {}),
+    "thermostat": ("rle_thermostat", {"reach_tol": None}),  # group statistics: the next commit
     "adaptive_entropy": ("rle_adaptive_entropy", {"target": 0.5}),
     "steer": ("rle_steer", {"scope": "global"}),
     "forking_tokens": ("rle_forking_tokens", {}),

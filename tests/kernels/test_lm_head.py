@@ -243,8 +243,7 @@ def test_requests_for_methods():
     assert kernels.requests_for(re.make_method("grpo")) == ()
     assert kernels.requests_for(re.make_method("siren")) == (Stat.top_p_entropy(0.8, 10000, False),)
     assert kernels.requests_for(re.make_method("siren", use_top_p=False)) == (Stat.entropy(),)
-    assert kernels.requests_for(re.make_method("thermostat", restrict="siren")) == (Stat.change_terms(),
-                                                                                    Stat.top_p_entropy(0.8))
+    assert kernels.requests_for(re.make_method("thermostat")) == (Stat.change_terms(),)
     assert kernels.requests_for(re.make_method("lp_reg", kappa=0.05)) == (Stat.proxy_log_mass(0.05),)
     assert kernels.requests_for(re.make_method("entropy_bonus")) == ()
     assert kernels.requests_for(re.make_method("entropy_bonus", clamp_fraction=0.2)) == (Stat.clamped_entropy(0.2),)

@@ -268,12 +268,11 @@ def test_rollout_end_flag(name):
 # ------------------------------------------------------------------ logits-free route (rlvr_entropy.kernels)
 def _logits_route_cases():
     """Every method that reads the distribution (instance-level ``needs``), with its defaults, plus settings that
-    exercise each statistic's gradient or the controller (siren's anchor and ablation, thermostat's PI away from 0
-    and its restriction, Lp-Reg's term on a small batch, AEnt clamping), and methods that read only the entropy."""
+    exercise each statistic's gradient or the controller (siren's anchor and ablation, thermostat's PI away from 0,
+    Lp-Reg's term on a small batch, AEnt clamping), and methods that read only the entropy."""
     cases = [(n, {}) for n in METHODS if "logits" in fresh(n).needs]
     cases += [("siren", {"anchor_value": 1.0}), ("siren", {"use_top_p": False, "anchor_value": 1.0, "top_k": 5}),
-              ("thermostat", {"target": 0.5, "restrict": "siren", "allocation": "efficient"}),
-              ("thermostat", {"target": 5.0, "weight_max": 1.5}),
+              ("thermostat", {"target": 5.0, "reach_tol": None}),
               ("lp_reg", {"rho": 0.5, "min_tokens": 1, "kappa": 0.2}),
               ("entropy_bonus", {"clamp_fraction": 0.3}), ("entropy_bonus", {}), ("grpo", {}), ("steer", {})]
     return [pytest.param(n, kw, id=f"{n}-{'-'.join(f'{k}={v}' for k, v in kw.items()) or 'default'}")

@@ -11,18 +11,13 @@ class EntropyPI:
     ``floor=True`` both lower bounds are 0 (one-sided: only raises entropy toward the target).
 
     ``update(h)`` is called once per optimizer step with the measured entropy. The target H* is the first measured
-    value unless given; with ``target_end`` and ``schedule_steps`` it moves linearly from the start value to
-    ``target_end`` over that many steps. With ``anneal_start`` a second linear segment follows: from step
-    ``anneal_start`` the target moves from where the first segment stands to ``anneal_end_scale`` x the start value over
-    ``anneal_steps`` steps, and with ``floor=True`` and ``anneal_two_sided=True`` the floor is lifted in that phase
-    (u and the integral may go negative: entropy above the target is to be lowered).
+    value unless given, times ``target_scale``; with ``target_end`` (absolute) or ``target_end_scale`` (x the start
+    value) and ``schedule_steps`` it moves linearly from there to that end point over that many steps, then stays.
     """
 
     def __init__(self, kp: float, ki: float, u_max: float = 1.0, i_max: float = 10.0, target: float | None = None,
                  target_end: float | None = None, schedule_steps: int | None = None, target_scale: float = 1.0,
-                 target_end_scale: float | None = None, floor: bool = False, anneal_start: int | None = None,
-                 anneal_steps: int = 1, anneal_end_scale: float | None = None,
-                 anneal_two_sided: bool = False) -> None:
+                 target_end_scale: float | None = None, floor: bool = False) -> None:
         self.kp, self.ki, self.u_max, self.i_max = float(kp), float(ki), float(u_max), float(i_max)
         #: one-sided control: the target is a floor; u and the integral never go below 0 (entropy above the
         #: target is left alone instead of pushed down)
@@ -32,10 +27,6 @@ class EntropyPI:
         self.schedule_steps = schedule_steps
         self.target_scale = float(target_scale)
         self.target_end_scale = target_end_scale
-        self.anneal_start = anneal_start
-        self.anneal_steps = max(int(anneal_steps), 1)
-        self.anneal_end_scale = anneal_end_scale
-        self.anneal_two_sided = bool(anneal_two_sided)
         self.integral = 0.0
         self.steps = 0
         self.u = 0.0
@@ -49,28 +40,15 @@ class EntropyPI:
         if self.target_start is None:
             return None
         start = self.target_scale * self.target_start
+        if not self.schedule_steps:
+            return start
         if self.target_end_scale is not None:
             end = float(self.target_end_scale) * self.target_start
         elif self.target_end is not None:
             end = float(self.target_end)
         else:
-            end = start
-        if not self.schedule_steps:
-            end = start
-        def first(step: int) -> float:
-            frac = min(step / self.schedule_steps, 1.0) if self.schedule_steps else 1.0
-            return start + frac * (end - start)
-
-        if not (self.annealing and self.anneal_end_scale is not None):
-            return first(self.steps)
-        a = first(self.anneal_start)  # the annealing ramp starts where the first one stands (no jump)
-        frac2 = min((self.steps - self.anneal_start) / self.anneal_steps, 1.0)
-        return a + frac2 * (float(self.anneal_end_scale) * self.target_start - a)
-
-    @property
-    def annealing(self) -> bool:
-        """True once the annealing phase has begun (``steps >= anneal_start``)."""
-        return self.anneal_start is not None and self.steps >= self.anneal_start
+            return start
+        return start + min(self.steps / self.schedule_steps, 1.0) * (end - start)
 
     def update(self, entropy: float) -> float:
         h = float(entropy)
@@ -80,8 +58,7 @@ class EntropyPI:
             self.target_start = h
         tgt = self.target
         e = (tgt - h) / max(abs(tgt), 1e-8)
-        one_sided = self.floor and not (self.anneal_two_sided and self.annealing)
-        lo_i, lo_u = (0.0, 0.0) if one_sided else (-self.i_max, -self.u_max)
+        lo_i, lo_u = (0.0, 0.0) if self.floor else (-self.i_max, -self.u_max)
         self.integral = min(max(self.integral + e, lo_i), self.i_max)
         self.u = min(max(self.kp * e + self.ki * self.integral, lo_u), self.u_max)
         self.last_error, self.last_entropy = e, h

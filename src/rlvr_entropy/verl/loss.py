@@ -8,8 +8,9 @@ Two ways in:
   ``verl.workers.utils.losses.ppo_loss`` that also hands the method the current entropy (``model_output["entropy"]``,
   with gradient), the old-policy entropy when the batch carries one (see below), and
   rewards (``rewards``: a [B] tensor, else the row sum of ``token_level_scores``) and, when the batch carries one,
-  ``group_reward`` (a [B] tensor: each response's group mean reward, for thermostat's ``solved_at``). Install it with
-  ``install_loss()`` (patches the name verl's workers bind) or a driver call ``actor_rollout_wg.set_loss_fn(...)``.
+  ``group_reward`` (a [B] tensor: each response's group mean reward; thermostat's reach-gated floor reads it).
+  Install it with ``install_loss()`` (patches the name verl's workers bind) or a driver call
+  ``actor_rollout_wg.set_loss_fn(...)``.
 
 Loss scaling follows verl: the method aggregates over the micro-batch, then the loss is rescaled so that
 micro-batch losses sum to the global mini-batch loss (token-mean: x local_tokens / batch_num_tokens * dp_size;

@@ -14,6 +14,7 @@ adaptive_entropy, steer (scope="global"), forking_tokens and entrocraft, each ra
 * use_dynamic_bsz (another micro-batch split) gives the same SIREN anchor as fixed micro-batches;
 * STEER reads the v1 trainer's old entropy (``entropy`` in the batch); Entrocraft decides each step with that
   step's own rollout entropy (``begin_step`` from ``train_mini_batch``, reduced over both ranks), no lag;
+* the thermostat's reach reads each response's group mean reward over both ranks (``group_reward`` from ``uid``);
 * ``use_fused_kernels=True``: SIREN and the thermostat read the distribution from the tiled LM head on the recorded
   hidden state and the gathered FSDP2 weight (no logits anywhere).
 """
@@ -162,6 +163,27 @@ def test_entrocraft_decides_each_step_with_its_own_rollout_entropy_over_both_ran
     (r,) = [e for e in one["record"] if e["event"] == "begin"]
     assert one["after_update"]["methods"]["entrocraft"]["band"] == {"steps": 2, "entropy": r["entropy"]}
     assert r["entropy"] == pytest.approx(r["local"][0] / r["local"][1], rel=1e-12)
+
+
+def test_thermostat_reads_each_groups_mean_reward_over_both_ranks(runs):
+    """The default thermostat (reach-gated floor) gets ``group_reward`` from the rollout's ``uid`` and rewards: each
+    group's mean over both ranks (groups q0 and q1 span them), attached before the rollout is split."""
+    _, train, resume = runs
+    rows = {rank: list(zip(train[rank]["rollout"]["uid"], train[rank]["rollout"]["reward"])) for rank in (0, 1)}
+    both = rows[0] + rows[1]
+
+    def mean(u, rs):
+        return sum(r for v, r in rs if v == u) / sum(1 for v, _ in rs if v == u)
+
+    assert sorted({u for u, _ in both}) == ["own0", "own1", "q0", "q1"]
+    assert any(mean(u, both) != mean(u, rows[0]) for u in ("q0", "q1"))  # the data tell a rank's mean apart
+    for rank in (0, 1):
+        got = [g for c in _losses(train[rank]["thermostat"]["record"]) for g in c["group_reward"]]
+        assert len(got) == 4 * 2  # each row once per epoch (the forward-only pass has no rollout hook)
+        assert sorted(got) == pytest.approx(sorted([mean(u, both) for u, _ in rows[rank]] * 2), abs=1e-6)
+    s0 = train[0]["thermostat"]["after_update"]["methods"]["thermostat"]
+    assert s0["reach"]["steps"] == 4 and s0 == train[1]["thermostat"]["after_update"]["methods"]["thermostat"]
+    assert resume[0]["thermostat"]["after_update"]["methods"]["thermostat"]["reach"]["steps"] == 6
 
 
 def test_forking_tokens_quantile_spans_both_ranks(runs):

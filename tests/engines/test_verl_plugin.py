@@ -615,6 +615,43 @@ def test_begin_method_step_feeds_the_rollout_entropy_and_warns_without_it(caplog
         hooks.begin_method_step(worker("entrocraft"), st, two)
 
 
+def test_group_mean_by_hand_and_across_ranks():
+    """Each row's group mean over every rank: one rank alone, and rank 0 of two whose groups span both."""
+    from rlvr_entropy.core.dist import FnCollective, LocalCollective
+    from rlvr_entropy.verl.hooks import group_mean
+
+    keys, vals = torch.tensor([7, 3, 7, 9]), torch.tensor([1.0, 0.0, 0.0, 0.5])
+    assert group_mean(keys, vals, LocalCollective()).tolist() == [0.5, 0.0, 0.5, 0.5]
+    other = {torch.int64: torch.tensor([3, 3, 5]), torch.float64: torch.tensor([1.0, 1.0, 1.0], dtype=torch.float64)}
+    two = FnCollective(lambda x: torch.cat([x, other[x.dtype].to(x.dtype)]), world_size=2)  # rank 0, then rank 1
+    assert group_mean(keys, vals, two).tolist() == pytest.approx([0.5, 2 / 3, 0.5, 0.5])
+    with pytest.raises(ValueError, match="keys and values"):
+        group_mean(keys, vals[:3], LocalCollective())
+
+
+def test_attach_group_reward_from_uid_and_token_level_scores():
+    """train_mini_batch's hook: group_reward [B] from uid and the row sums of token_level_scores (nested, as the
+    v1 trainer stores them); a batch without uid, or with its own group_reward, is left alone."""
+    from tensordict import TensorDict
+    from tensordict.tensorclass import NonTensorData, NonTensorStack
+    from verl.utils import tensordict_utils as tu
+
+    from rlvr_entropy.verl import hooks
+    from rlvr_entropy.verl.state import EngineState
+
+    nest = lambda xs: torch.nested.as_nested_tensor(xs, layout=torch.jagged)  # noqa: E731
+    rl = [2, 3, 1, 2]
+    scores = [torch.tensor([0.0, 1.0]), torch.tensor([0.0, 0.0, 0.0]), torch.tensor([1.0]), torch.tensor([0.0, 0.5])]
+    td = tu.get_tensordict({"response_mask": nest([torch.ones(r, dtype=torch.long) for r in rl]),
+                            "token_level_scores": nest(scores),
+                            "uid": NonTensorStack.from_list([NonTensorData(u) for u in ["a", "b", "a", "b"]])})
+    assert hooks.attach_group_reward(EngineState(), td)
+    assert td["group_reward"].tolist() == [1.0, 0.25, 1.0, 0.25]
+    assert not hooks.attach_group_reward(EngineState(), td)  # already there: kept
+    bare = TensorDict({"response_mask": torch.ones(2, 3)}, batch_size=[2])
+    assert not hooks.attach_group_reward(EngineState(), bare) and "group_reward" not in bare.keys()
+
+
 def test_aepo_is_refused_instead_of_running_as_grpo():
     """AEPO needs a second generation per step (rollout_plan / assemble) that the plugin does not run: the config
     (and the loss, through the same check) refuses it instead of silently training GRPO."""

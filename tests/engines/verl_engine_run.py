@@ -146,7 +146,7 @@ def make_model_dir(path: str) -> None:
 # -------------------------------------------------------------------------------------- configuration
 METHODS = {  # name -> (loss_mode, method_config)
     "siren": ("rle_siren", {"top_p": 0.9}),
-    "thermostat": ("rle_thermostat", {"reach_tol": None}),  # group statistics: the next commit
+    "thermostat": ("rle_thermostat", {}),  # the default: its reach-gated floor reads group_reward (from uid)
     "adaptive_entropy": ("rle_adaptive_entropy", {"target": 0.5}),
     "steer": ("rle_steer", {"scope": "global"}),
     "forking_tokens": ("rle_forking_tokens", {}),
@@ -215,7 +215,10 @@ def build_worker(model_dir: str, name: str, *, dynamic: bool = False, load_conte
 # ---------------------------------------------------------------------------------------------- data
 def make_batch(rank: int, seed: int):
     """PER_RANK responses for ``rank``, as the v1 trainer stores them (nested tensors, no padding). Lengths repeat
-    across the two halves, so consecutive mini-batches have equal token counts (locally and globally)."""
+    across the two halves, so consecutive mini-batches have equal token counts (locally and globally). ``uid``
+    (the prompt id verl groups by): the first two rows' groups span both ranks, the last two rows are a group of
+    this rank's own."""
+    from tensordict.tensorclass import NonTensorData, NonTensorStack
     from verl.utils import tensordict_utils as tu
 
     g = torch.Generator().manual_seed(1000 * seed + rank)
@@ -236,8 +239,13 @@ def make_batch(rank: int, seed: int):
         # the reward on the last response token, as verl's reward manager stores it (entrocraft reads the rewards)
         "token_level_scores": nest([torch.nn.functional.pad(torch.tensor([float(a > 0)]), (r - 1, 0))
                                     for r, a in zip(rlens, adv)]),
+        "uid": NonTensorStack.from_list([NonTensorData(u) for u in uids(rank)]),
     })
     return td
+
+
+def uids(rank: int) -> list[str]:
+    return ["q0", "q1"] + [f"own{rank}"] * (PER_RANK - 2)
 
 
 def with_old_log_probs(worker, td):
@@ -303,6 +311,8 @@ def instrument() -> None:
                                           self.config.exponent)
                 rec["local_M"] = _f(torch.where(batch.mask, m, -math.inf).amax())
                 rec["old_entropy_given"] = batch.old_entropy is not None
+            if batch.group_reward is not None:
+                rec["group_reward"] = [float(x) for x in batch.group_reward]
             if self.name == "forking_tokens":
                 h = batch.current_entropy(self.name).detach()
                 rec["local_threshold"] = _f(forking_tokens.entropy_threshold(h, batch.mask, self.config.quantile))
@@ -356,6 +366,9 @@ def phase_train(work: str, out: dict) -> None:
         RECORD.clear()
         w = build_worker(model_dir, name)
         td = with_old_log_probs(w, make_batch(RANK, seed=1))
+        if name == "thermostat":  # what each row's group mean reward must be: the rollout's uids and rewards
+            out["rollout"] = {"uid": uids(RANK),
+                              "reward": [float(x.sum()) for x in td["token_level_scores"].unbind()]}
         tick("old log-probs")
         update(w, td)  # ppo_epochs=2 x 2 mini-batches of equal token counts: 4 optimizer steps
         tick("update")

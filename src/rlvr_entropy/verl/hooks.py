@@ -20,7 +20,8 @@ micro-batches, ``optimizer_step``):
   many optimizer steps make one pass over the rollout, and ``end_step`` passes ``rollout_end`` on to the methods
   (SIREN's anchor is measured over every mini-batch of the first rollout, not the first mini-batch's step only);
   a method with ``begin_step`` (entrocraft) gets the whole rollout first (:func:`begin_method_step`), so it decides
-  each step with that step's own entropy, as its official trainer.
+  each step with that step's own entropy, as its official trainer; and the rollout gets ``group_reward`` (each
+  response's group mean reward over the whole DP group, :func:`attach_group_reward`: the thermostat's reach).
 * The distribution: methods that read more than log-prob and entropy (SIREN's top-p entropy, the thermostat's
   change terms, Lp-Reg, AEnt, ...) get a :class:`~rlvr_entropy.kernels.LMHeadSource`, never logits. During forward
   steps whose loss is ``entropy_ppo_loss`` with such a method, the hooked ``forward_step`` records the backbone's
@@ -43,6 +44,7 @@ from __future__ import annotations
 
 import contextvars
 import functools
+import hashlib
 import importlib.abc
 import sys
 from contextlib import contextmanager
@@ -283,6 +285,46 @@ def begin_method_step(worker: Any, state: Any, data: Any) -> Any:
                                         old_entropy=pd[old]))
 
 
+def _uid_key(uid: Any) -> int:
+    """A stable int64 for a verl ``uid`` (a prompt's id, shared by its ``rollout.n`` responses; any string)."""
+    return int.from_bytes(hashlib.blake2b(str(uid).encode(), digest_size=8).digest(), "little", signed=True)
+
+
+def group_mean(keys: torch.Tensor, values: torch.Tensor, dist: Any) -> torch.Tensor:
+    """Each row's group mean of ``values`` over every rank of ``dist`` (a :class:`~rlvr_entropy.core.dist.Collective`):
+    keys int64 [B] (the group of each row; a group may span ranks), values [B] -> [B] float64."""
+    if keys.shape != values.shape or keys.dim() != 1:
+        raise ValueError(f"keys and values must both be [B], got {tuple(keys.shape)} and {tuple(values.shape)}")
+    all_keys = dist.all_gather(keys.to(torch.int64))
+    all_values = dist.all_gather(values.detach().to(torch.float64))
+    uniq, inv = torch.unique(all_keys, return_inverse=True)
+    sums = torch.zeros(len(uniq), dtype=torch.float64).index_add_(0, inv, all_values)
+    counts = torch.zeros(len(uniq), dtype=torch.float64).index_add_(0, inv, torch.ones_like(all_values))
+    return (sums / counts)[torch.searchsorted(uniq, keys.to(torch.int64))]
+
+
+def attach_group_reward(state: Any, data: Any) -> bool:
+    """``data["group_reward"]`` [B]: each response's group mean reward, the group being its ``uid`` (what verl's
+    GRPO advantage groups by) over the whole DP group (``balance_batch`` spreads a group over ranks), the reward
+    its row sum of ``token_level_scores``. Run on every rank at the start of ``TrainingWorker.train_mini_batch``,
+    before the rollout is split into mini-batches, so each mini-batch carries its rows' values. Returns False (and
+    leaves ``data`` alone) when the batch already has ``group_reward`` or lacks ``uid`` / ``token_level_scores``;
+    a method that needs it then raises in the loss, naming it."""
+    keys = set(data.keys())
+    if "group_reward" in keys or not {"uid", "token_level_scores", "response_mask"} <= keys:
+        return False
+    uids = data["uid"]
+    uids = uids.tolist() if hasattr(uids, "tolist") else list(uids)
+    pd = data.select("token_level_scores", "response_mask").to_padded_tensor()
+    mask = pd["response_mask"].to(torch.bool)
+    rewards = torch.where(mask, pd["token_level_scores"], 0).sum(-1)  # [B], as the loss reads the rewards
+    if len(uids) != rewards.shape[0]:
+        raise ValueError(f"uid: {len(uids)} entries for {rewards.shape[0]} responses")
+    keys_t = torch.tensor([_uid_key(u) for u in uids], dtype=torch.int64)
+    data["group_reward"] = group_mean(keys_t, rewards, state.dist).to(torch.float32)
+    return True
+
+
 def install_worker_hooks() -> bool:
     """Patch verl's ``TrainingWorker.train_mini_batch`` (idempotent; False when it cannot be imported here): one
     call trains on one rollout batch, split into mini-batches (one optimizer step each) for ``ppo_epochs``; the
@@ -306,6 +348,8 @@ def install_worker_hooks() -> bool:
         data = kwargs["data"] if "data" in kwargs else (args[0] if args else None)
         st = state_of(self.engine)
         st.begin_rollout(_steps_per_pass(self, data))
+        if data is not None and hasattr(data, "keys"):
+            attach_group_reward(st, data)
         begin_method_step(self, st, data)
         try:
             return fn(self, *args, **kwargs)
@@ -453,6 +497,6 @@ def check_verl_config(name: str, actor_config: Any, model_config: Any = None) ->
 
 
 __all__ = ["needs_logits", "needs_entropy", "check_verl_config", "install_engine_hooks", "install_worker_hooks",
-           "install_engine_hooks_on_import",
+           "install_engine_hooks_on_import", "attach_group_reward", "group_mean",
            "response_lm_head", "reads_distribution", "step_context", "current",
            "StepContext", "rle_loss_config"]

@@ -161,8 +161,8 @@ def main(argv=None) -> int:
             "evidence seeds; mean ± standard error across seeds). The difference columns are paired: the mean "
             f"difference from {REFERENCE} over the seeds both rows ran (count in brackets); the "
             "frontier column, where present, reads each variant run's pass@8 off its temperature frontier (T = "
-            + ", ".join(f"{t:g}" for t in ev.FRONTIER_TEMPS) + ") at the default's pass@1 on the same seed. Rows run "
-            "with the code at each row's session (the default's runs are reproduced exactly by later code); variants "
+            + ", ".join(f"{t:g}" for t in ev.FRONTIER_TEMPS) + f") at {REFERENCE}'s pass@1 on the same seed. Rows run "
+            "with the code at each row's session (a row's runs are reproduced exactly by later code); variants "
             "not listed here were measured in earlier sessions (this file's git history) and are summarized in "
             "thermostat.md.\n\n" + md + "\n")
     return 0

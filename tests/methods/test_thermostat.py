@@ -273,6 +273,10 @@ def test_reach_gated_floor_follows_the_batch_reach():
         m.compute_loss(bare)
     m = re.make_method("thermostat", **cfg)
     m.compute_loss(bare, observe=False)  # the reach feeds only the controller: evaluation needs none
+    signed = re.TokenBatch(log_prob=lp0, old_log_prob=lp0, advantages=adv, mask=mask, logits=logits,
+                           group_reward=torch.tensor([1.0, -1.0, 0.0, 0.5], dtype=torch.float64))
+    with pytest.raises(ValueError, match="group_reward.*-1.0"):  # +-1 rewards would count every group as solved
+        re.make_method("thermostat", **cfg).compute_loss(signed)
     assert m.state_dict() == re.make_method("thermostat", **cfg).state_dict()
     h0 = None
     for step, solved in enumerate([[1, 1, 1, 1], [1, 1, 0, 1], [1, 0, 0, 0], [0, 0, 0, 0]]):

@@ -66,17 +66,16 @@ class ThermostatConfig(PGConfig):
     weight_min: float = 0.0
     """Smallest weight a damped token can get (1.0 disables damping)."""
     target: float | None = None
-    """Start of the floor H* in nats; None measures it at the first step (saved in state_dict)."""
+    """H0 in nats, the entropy the floor is a share of; None measures it at the first step (saved in state_dict)."""
     target_end: float | None = None
-    """Optional absolute end point (nats) of the floor's linear schedule; takes precedence over target_end_scale."""
+    """Fixed floor (reach_tol=None): optional absolute end point (nats) of its linear schedule; takes precedence
+    over target_end_scale."""
     target_end_scale: float | None = 0.7
-    """End point of the schedule relative to its start: 0.7 x the first measured entropy. Chosen on the testbed's
-    design seeds (docs/methods/thermostat.md): the end is the pass@1 / pass@k dial; 0.7 keeps most of the pass@k
-    gain at about GRPO's pass@1 on countdown3."""
+    """Fixed floor (reach_tol=None): end point of the schedule, x H0. 0.7 kept most of the pass@k gain at about
+    GRPO's pass@1 on countdown3's design seeds (docs/methods/thermostat.md)."""
     schedule_steps: int | None = 40
-    """Steps over which the floor moves linearly from its start to its end point, then stays; None keeps it at the
-    start. A ramp instead of a jump: the controller does not fight the first steps' natural entropy drop; 40 steps
-    follows the testbed's natural decline (design table), so the floor is reached without a gap above it."""
+    """Fixed floor (reach_tol=None): steps over which it moves linearly from H0 to its end point, then stays; None
+    keeps it at H0. A ramp, not a jump: the controller does not fight the first steps' natural entropy drop."""
     reach_tol: float | None = 0.03
     """Reach-gated floor: the floor's level follows the training batch's reach (share of prompts whose group solved
     at least one sample; reads ``TokenBatch.group_reward``, rewards in [0, 1]): it descends while the reach holds
@@ -241,6 +240,11 @@ class Thermostat(Method):
                                  "response's group mean reward); pass it, or reach_tol=None for the fixed schedule")
             gr = batch.group_reward.detach()
             rows = mask.any(-1)
+            bad = rows & ((gr < 0) | (gr > 1)).to(rows.device)
+            if bool(bad.any()):
+                raise ValueError(f"group_reward: the reach-gated floor reads rewards in [0, 1] (a group solved a "
+                                 f"sample when its mean is > 0), got {float(gr[bad][0])}; rescale the rewards or "
+                                 "set reach_tol=None")
             self.observe(reach_rows=(rows & (gr > 0).to(rows.device)).sum(), rows=rows.sum())
         # |d_t| / |coef_t| where coef_t != 0: each token's entropy change per unit of policy-gradient coefficient
         w, lam = damping_weight(d, mask, self.pi.u, c.weight_min, bracket.abs())

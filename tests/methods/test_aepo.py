@@ -8,7 +8,8 @@ import pytest
 import torch
 
 import rlvr_entropy as re
-from rlvr_entropy.methods.aepo import aepo_num_samples, aepo_select, aepo_temperature, aepo_update_rows
+from rlvr_entropy.methods.aepo import (aepo_advantages, aepo_num_samples, aepo_select, aepo_temperature,
+                                      aepo_update_rows)
 from tests.helpers import loss_and_grads, make_leaves
 
 F64 = torch.float64
@@ -60,6 +61,26 @@ def test_the_first_k_main_rows_are_replaced_by_hand():
     torch.testing.assert_close(none.advantages, main)
 
 
+def test_temperature_rollout_advantages_are_the_official_grpo_ones():
+    """(R - mean) / (std + 1e-6) per group of n, torch.std (unbiased), as EasyR1's core_algos.py:138-175; an unscorable
+    (NaN) reward is left out of its group and gets 0, a group with < 2 scored responses gets 0."""
+    r = torch.tensor([1.0, 0.0, 0.0, 1.0, 1.0, 1.0, 1.0, 1.0, 0.0, 0.5, 0.25, 1.0])
+    got = aepo_advantages(r, 4)
+    g = r.view(-1, 4)
+    want = ((g - g.mean(1, keepdim=True)) / (g.std(1, keepdim=True) + 1e-6)).reshape(-1)
+    torch.testing.assert_close(got, want)
+    assert got[4:8].abs().max() == 0  # an all-correct group: 0 / (0 + 1e-6)
+    assert aepo_select(got).tolist() == [0, 3, 9, 11]  # correct answers of groups that are not all correct
+    nan = float("nan")
+    rn = torch.tensor([1.0, nan, 0.0, 0.0, nan, nan, nan, 1.0])
+    got = aepo_advantages(rn, 4)
+    s = torch.tensor([1.0, 0.0, 0.0])
+    torch.testing.assert_close(got[[0, 2, 3]], (s - s.mean()) / (s.std() + 1e-6))
+    assert got[1] == 0 and got[4:].abs().max() == 0
+    with pytest.raises(ValueError, match="multiple of group=4"):
+        aepo_advantages(torch.zeros(6), 4)
+
+
 @pytest.mark.parametrize("seed", range(5))
 def test_update_rows_match_the_reference(seed):
     g = torch.Generator().manual_seed(seed)
@@ -84,6 +105,8 @@ def _batch(nll, T=2, B=2, adv=1.0):
 
 def test_h_prev_life_cycle_one_step_of_lag():
     m = re.make_method("aepo")
+    assert m.num_resampled(512) == 128 and m.num_resampled(7) == 1  # what the plan will say, state untouched
+    assert m.h_prev.closes == 0 and re.make_method("aepo", reinforce_sample_num=0).num_resampled(512) == 0
     plan = m.rollout_plan(512)                      # step 1: H_prev = 0 -> T_high, the first 128 prompts again
     assert (plan.temperature, plan.num_prompts, plan.entropy) == (1.2, 128, 0.0)
     main = torch.zeros(20, dtype=F64)

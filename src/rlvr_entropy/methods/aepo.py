@@ -57,8 +57,8 @@ from rlvr_entropy.core.aggregation import masked_mean, masked_sum
 from rlvr_entropy.core.validation import check_choice, check_float, check_int, check_tensor
 from rlvr_entropy.methods.base import Method, PGConfig, register_method
 
-__all__ = ["aepo_temperature", "aepo_num_samples", "aepo_select", "aepo_update_rows", "AEPOPlan", "AEPOUpdate",
-           "AEPO", "AEPOConfig"]
+__all__ = ["aepo_temperature", "aepo_num_samples", "aepo_advantages", "aepo_select", "aepo_update_rows", "AEPOPlan",
+           "AEPOUpdate", "AEPO", "AEPOConfig"]
 
 
 def _entropy(value: object) -> float:
@@ -82,6 +82,29 @@ def aepo_num_samples(entropy: float, kept: int, target: float = 0.5, reinforce_s
             raise ValueError(f"{name} must be an int >= 0, got {v!r}")
     k = min(int(reinforce_sample_num), int(kept))
     return k if _entropy(entropy) <= target else k // 2
+
+
+def aepo_advantages(rewards: torch.Tensor, group: int, eps: float = 1e-6) -> torch.Tensor:
+    """GRPO advantages of the temperature rollout, as the official code computes them (EasyR1 core_algos.py:138-175):
+    (R - mean_g) / (std_g + eps) over groups of ``group`` consecutive responses, std unbiased (torch.std).
+
+    rewards [M] (M a multiple of ``group``). A NaN reward (a response no reward function could score) is left out of
+    its group's mean and std and gets advantage 0, as TRL treats unscorable completions; a group with fewer than two
+    scored responses gets 0 (the official code asserts n > 1). Returns [M], float32 or the rewards' float dtype."""
+    check_tensor("rewards", rewards)
+    check_int("group", group, lo=1)
+    if rewards.dim() != 1 or rewards.numel() % group:
+        raise ValueError(f"rewards must have shape [M] with M a multiple of group={group}, got {list(rewards.shape)}")
+    if bool(torch.isinf(rewards).any()):
+        raise ValueError("rewards has infinite value(s)")
+    r = rewards.detach().to(torch.float64).view(-1, group)  # [M / group, group]
+    ok = ~torch.isnan(r)
+    n = ok.sum(1, keepdim=True)
+    mean = torch.where(ok, r, 0.0).sum(1, keepdim=True) / n.clamp(min=1)
+    var = torch.where(ok, (r - mean) ** 2, 0.0).sum(1, keepdim=True) / (n - 1).clamp(min=1)
+    adv = (r - mean) / (var.sqrt() + eps)
+    adv = torch.where(ok & (n > 1), adv, 0.0).reshape(-1)
+    return adv.to(rewards.dtype if rewards.is_floating_point() else torch.float32)
 
 
 def aepo_select(advantages: torch.Tensor, threshold: float = 0.05) -> torch.Tensor:
@@ -216,11 +239,18 @@ class AEPO(Method):
         """Call once per training step, before the extra generation (on every rank: the state is the same there):
         closes the previous step's measurement into H_prev and returns the temperature and the number of prompts to
         generate again (0 with ``reinforce_sample_num=0``)."""
-        check_int("num_prompts", num_prompts, lo=0)
+        n = self.num_resampled(num_prompts)
         c = self.config
         h = self.h_prev.close()
-        n = num_prompts // c.resample_divisor if c.reinforce_sample_num > 0 else 0
         return AEPOPlan(temperature=aepo_temperature(h, c.target, c.t_high, c.t_low), num_prompts=n, entropy=h)
+
+    def num_resampled(self, num_prompts: int) -> int:
+        """How many of a step's ``num_prompts`` prompts the plan generates again (the first len // resample_divisor;
+        0 with ``reinforce_sample_num=0``): what ``rollout_plan`` returns, without touching the state, for an engine
+        that checks its batch shapes up front."""
+        check_int("num_prompts", num_prompts, lo=0)
+        c = self.config
+        return num_prompts // c.resample_divisor if c.reinforce_sample_num > 0 else 0
 
     def assemble(self, main_advantages: torch.Tensor, extra_advantages: torch.Tensor) -> AEPOUpdate:
         """The update rows and their advantages from the main rollout's and the temperature rollout's GRPO

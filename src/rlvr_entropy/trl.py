@@ -31,7 +31,8 @@ import json
 import logging
 import math
 import os
-from typing import Any
+from contextlib import contextmanager
+from typing import Any, Iterator
 
 import torch
 from transformers import TrainerCallback
@@ -42,8 +43,8 @@ from rlvr_entropy.core.aggregation import agg_loss, masked_sum
 from rlvr_entropy.core.batch import TokenBatch
 from rlvr_entropy.core.dist import Collective, LocalCollective, TorchCollective
 from rlvr_entropy.diagnostics import EntropyChangeProbe
-from rlvr_entropy.methods.base import (Method, check_one_generation, decides_from_rollout, get_method_class,
-                                       make_method)
+from rlvr_entropy.methods.aepo import aepo_advantages
+from rlvr_entropy.methods.base import Method, decides_from_rollout, get_method_class, make_method
 
 _log = logging.getLogger(__name__)
 
@@ -318,7 +319,10 @@ class EntropyGRPOTrainer(GRPOTrainer):
             raise ValueError(f"GRPOConfig.importance_sampling_level={self.importance_sampling_level!r}: "
                              "EntropyGRPOTrainer supports 'token' only")
         self.method = resolve_method(method, method_config, self.args)
-        check_one_generation(self.method, self.method.name, "EntropyGRPOTrainer")
+        #: methods that generate a second set of samples each step (``rollout_plan`` / ``assemble``: aepo)
+        self._two_generations = callable(getattr(self.method, "rollout_plan", None))
+        if self._two_generations:
+            self._check_second_generation()
         note = aggregation_note(self.method, self.args)
         if note and self.accelerator.is_main_process:
             _log.warning(note)
@@ -362,7 +366,298 @@ class EntropyGRPOTrainer(GRPOTrainer):
             out["group_reward_std"] = std.repeat_interleave(g)[start:start + n]
             out["group_size"] = torch.full((n,), g, dtype=torch.long, device=rewards.device)
             self._last_rewards_per_func = None
+        if self._two_generations and self.model.training:
+            out = self._second_generation(inputs, out)
         return out
+
+    # ------------------------------------------------------------------ second generation (rollout_plan: aepo)
+    #: per-row fields of a generation batch the second generation knows how to replace ([rows] or [rows, T])
+    _ROW_FIELDS = ("prompt_ids", "prompt_mask", "completion_ids", "completion_mask", "advantages",
+                   "old_per_token_logps", "ref_per_token_logps", "sampling_per_token_logps",
+                   "importance_sampling_ratio", "rewards", "group_reward", "group_reward_std", "group_size")
+
+    def _check_second_generation(self) -> None:
+        """Raise, naming the option, where the second generation of a method with ``rollout_plan`` (aepo) cannot run
+        as the method says."""
+        name = self.method.name
+        what = f"method {name!r} generates a second set of samples each step at its own temperature"
+        if self.rollout_func is not None:
+            raise ValueError(f"{what}; GRPOTrainer's rollout_func owns the sampling, so that temperature cannot be "
+                             "set: drop rollout_func or choose another method")
+        if self.tools or self.environment_factories is not None:
+            raise ValueError(f"{what} with single-turn generation; GRPOTrainer's tools / environment_factory "
+                             "(multi-turn tool calls) are not supported with it")
+        if "temperature" in (self.args.generation_kwargs or {}):
+            raise ValueError(f"{what}; GRPOConfig.generation_kwargs sets 'temperature', which would override it "
+                             "(vLLM applies generation_kwargs last): set GRPOConfig.temperature instead")
+        G, W = self.num_generations, self.accelerator.num_processes
+        prompts = self.args.generation_batch_size // G
+        rows = self.method.num_resampled(prompts) * G
+        if rows % W:
+            raise ValueError(f"{what}: the first {self.method.num_resampled(prompts)} of the {prompts} prompts of a "
+                             f"generation batch, x num_generations={G} = {rows} completions, which must split evenly "
+                             f"over the {W} processes as TRL splits every generation; change generation_batch_size "
+                             "(or per_device_train_batch_size / steps_per_generation), num_generations or the "
+                             "method's resample_divisor")
+
+    @contextmanager
+    def _sampling_temperature(self, temperature: float) -> Iterator[None]:
+        """Generate at ``temperature`` inside the block: vLLM reads ``vllm_generation.temperature`` at every call
+        (server and colocate), transformers' generate (and continuous batching) ``generation_config``."""
+        if self.use_vllm:
+            vg = self.vllm_generation
+            saved = vg.temperature
+            vg.temperature = temperature
+            try:
+                yield
+            finally:
+                vg.temperature = saved
+            return
+        gc, gk = self.generation_config, self.generation_kwargs
+        saved, saved_kw = gc.temperature, gk.get("temperature")
+        gc.temperature = gk["temperature"] = temperature
+        try:
+            yield
+        finally:
+            gc.temperature, gk["temperature"] = saved, saved_kw
+
+    def _decode_completions(self, prompts, prompt_ids, completion_ids):
+        """Completions as GRPOTrainer._generate decodes them for the reward functions (no tools)."""
+        from trl.data_utils import is_conversational
+
+        if is_conversational({"prompt": prompts[0]}):
+            if (getattr(self._tokenizer, "response_template", None) is not None
+                    or getattr(self._tokenizer, "response_schema", None) is not None):
+                from trl.chat_template_utils import parse_response
+
+                return [[parse_response(self._tokenizer, ids, prefix=prompt_ids[i], tools=self.tools)]
+                        for i, ids in enumerate(completion_ids)]
+            contents = self.processing_class.batch_decode(completion_ids, skip_special_tokens=True)
+            return [[{"role": "assistant", "content": c}] for c in contents]
+        return self.processing_class.batch_decode(completion_ids, skip_special_tokens=True)
+
+    def _second_generation(self, inputs: list[dict[str, Any]], out: dict[str, Any]) -> dict[str, Any]:
+        """The method's second generation for one generation batch, on every rank (see docs/engines/trl.md).
+
+        The generation batch is TRL's, over every process in rank order (rank r holds global rows r*n..(r+1)*n, each
+        prompt's num_generations completions consecutive). ``rollout_plan(P)`` with the batch's P prompts (the same
+        state, hence the same plan, on every rank); the plan's first prompts are generated again at its temperature,
+        num_generations each, split over the ranks as TRL splits a generation, scored by the same reward functions;
+        GRPO advantages within those groups (:func:`aepo_advantages`, gathered: every rank sees every group);
+        ``assemble`` (identical on every rank) picks k of them. The update batch is the official one, in its order:
+        the k kept samples in global positions 0..k-1 (the first k main rows are dropped), the main rows k.. after
+        them; each rank keeps its positions (rank 0 holds the kept samples unless k > rows per rank), and TRL then
+        shuffles each rank's rows over its micro-batches as it does every generation. Every per-row field follows
+        the rows; old (and reference) log-probs of the kept samples are recomputed at the training temperature with
+        the same weights where TRL carries them (off-policy, vLLM, beta != 0)."""
+        from accelerate.utils import gather, gather_object
+
+        acc = self.accelerator
+        W, rank = acc.num_processes, acc.process_index
+        G = self.num_generations
+        n = out["completion_ids"].size(0)
+        unknown = sorted(k for k in out if k not in self._ROW_FIELDS and k != "num_items_in_batch")
+        if unknown:
+            raise ValueError(f"method {self.method.name!r}: the generation batch carries {unknown}, which the second "
+                             "generation cannot replace row by row (multimodal inputs and tool masks are not "
+                             "supported with it)")
+        adv_all = gather(out["advantages"])  # [N] the main rollout's advantages, TRL's global order
+        if adv_all.dim() != 1:
+            raise ValueError(f"method {self.method.name!r} needs one advantage per completion, got shape "
+                             f"{list(adv_all.shape)}")
+        N = adv_all.numel()
+        plan = self.method.rollout_plan(N // G)
+        M = plan.num_prompts * G
+        if M == 0:
+            self.method.assemble(adv_all, adv_all[:0])
+            return out
+        if M % W:  # _check_second_generation refuses such configurations up front
+            raise RuntimeError(f"{M} temperature samples do not split over {W} processes")
+        all_inputs = gather_object(inputs)
+        for g in range(plan.num_prompts):
+            rows = all_inputs[g * G:(g + 1) * G]
+            if any(r["prompt"] != rows[0]["prompt"] for r in rows):
+                raise RuntimeError(f"the generation batch does not hold num_generations={G} consecutive completions "
+                                   f"of each prompt (prompt {g}); the second generation cannot find its prompts")
+        m = M // W
+        x_inputs = [dict(x) for x in all_inputs[rank * m:(rank + 1) * m]]  # this rank's share of the plan's rows
+        x_prompts = [x["prompt"] for x in x_inputs]
+        prompt_ids, images, mm = self._tokenize_prompts(x_prompts)
+        if images is not None or mm:
+            raise ValueError(f"method {self.method.name!r}: the second generation does not support multimodal "
+                             "prompts")
+        with self._sampling_temperature(plan.temperature):
+            completion_ids, logprobs = self._generate_single_turn(prompt_ids, None, {}, G)
+        completions = self._decode_completions(x_prompts, prompt_ids, completion_ids)
+        rpf = self._calculate_rewards(x_inputs, x_prompts, completions, completion_ids)  # [M, F] every rank's
+        self._last_rewards_per_func = None
+        # what reward functions logged while scoring the temperature rollout would be misaligned with the completions
+        # table of the main rollout: not logged
+        self._pending_extra_logs.clear()
+        self._pending_metrics.clear()
+        w = self.reward_weights.to(rpf.device).unsqueeze(0)
+        unscorable = torch.isnan(rpf).all(dim=1)
+        rx = (rpf * w).nansum(dim=1)
+        adv_x = aepo_advantages(rx.masked_fill(unscorable, float("nan")), G)  # [M]
+        upd = self.method.assemble(adv_all, adv_x)
+        sums = self._metric_sums["train"]
+        sums.add(f"{self.method.name}/second_generation/reward", rx.mean())
+        sums.add(f"{self.method.name}/second_generation/qualified", (adv_x > self.method.config.select_threshold)
+                 .float().sum())
+        x_all = gather_object(list(zip(prompt_ids, completion_ids, logprobs if logprobs is not None else [None] * m)))
+        self.state.num_input_tokens_seen += sum(len(p) + len(c) for p, c, _ in x_all)
+        k = upd.k
+        if k == 0:
+            return out
+        count = max(0, min(n, k - rank * n))  # this rank's positions 0..count-1 take kept samples
+        picked = [int(i) for i in upd.extra_rows[rank * n:rank * n + count]]
+        out = self._place_rows(out, [x_all[i] for i in picked])
+        dev = out["advantages"].device
+        out["advantages"] = upd.advantages[rank * n:(rank + 1) * n].to(device=dev, dtype=out["advantages"].dtype)
+        if "rewards" in out and count:
+            rewards = torch.nan_to_num(rx)  # as the main rollout's "rewards": unscorable counts 0
+            grouped = rewards.view(-1, G)
+            std = grouped.std(1) if G > 1 else torch.zeros_like(grouped[:, 0])
+            idx = torch.tensor(picked, device=rewards.device)
+            for key, val in (("rewards", rewards[idx]), ("group_reward", grouped.mean(1)[idx // G]),
+                             ("group_reward_std", std[idx // G])):
+                out[key] = out[key].clone()
+                out[key][:count] = val.to(out[key])
+            out["group_size"] = out["group_size"].clone()
+            out["group_size"][:count] = G
+        out["num_items_in_batch"] = gather(out["completion_mask"].sum()).sum()
+        self._recompute_kept(out, min(k, n), count, plan.temperature)
+        return out
+
+    def _place_rows(self, out: dict[str, Any], rows: list[tuple]) -> dict[str, Any]:
+        """``out`` with its first len(rows) rows replaced by (prompt ids, completion ids, vLLM log-probs or None);
+        prompts left- and completions right-padded as TRL pads them (widths grown where needed, pad_to_multiple_of
+        kept); [rows, T] fields widened with their padding value, and the old/ref log-probs of the new rows set to
+        NaN until :meth:`_recompute_kept` fills them."""
+        import torch.nn.functional as F
+
+        out = dict(out)
+        pad_id = self._tokenizer.pad_token_id
+        mult = self.pad_to_multiple_of
+
+        def width(cur: int, lens: list[int]) -> int:
+            w = max([cur, *lens])
+            return w + (-w) % mult if mult else w
+
+        Lp = width(out["prompt_ids"].size(1), [len(p) for p, _, _ in rows])
+        Lc0 = out["completion_ids"].size(1)
+        Lc = width(Lc0, [len(c) for _, c, _ in rows])
+        token_is = self.vllm_importance_sampling_mode in ("token_truncate", "token_mask")
+        fills = {"prompt_ids": (pad_id, True), "prompt_mask": (0, True), "completion_ids": (pad_id, False),
+                 "completion_mask": (0, False), "old_per_token_logps": (0.0, False),
+                 "ref_per_token_logps": (0.0, False), "sampling_per_token_logps": (0.0, False)}
+        if token_is:
+            fills["importance_sampling_ratio"] = (1.0, False)
+        for key, (value, left) in fills.items():
+            t = out.get(key)
+            if t is None:
+                continue
+            extra = (Lp if key.startswith("prompt") else Lc) - t.size(1)
+            out[key] = F.pad(t, (extra, 0) if left else (0, extra), value=value) if extra else t.clone()
+        eos_and_pad = {*self.eos_token_ids, pad_id}
+        for j, (p, c, lp) in enumerate(rows):
+            out["prompt_ids"][j] = pad_id
+            out["prompt_mask"][j] = 0
+            if p:
+                out["prompt_ids"][j, Lp - len(p):] = torch.tensor(p)
+                out["prompt_mask"][j, Lp - len(p):] = 1
+            out["completion_ids"][j] = pad_id
+            out["completion_mask"][j] = 0
+            if c:
+                out["completion_ids"][j, :len(c)] = torch.tensor(c)
+                truncated = c[-1] not in eos_and_pad
+                out["completion_mask"][j, :len(c)] = 0 if (self.mask_truncated_completions and truncated) else 1
+            for key in ("old_per_token_logps", "ref_per_token_logps"):
+                if key in out:
+                    out[key][j] = float("nan")  # filled by _recompute_kept
+            if "sampling_per_token_logps" in out:
+                if lp is None:
+                    raise RuntimeError("the main rollout carries vLLM's sampling log-probs but the second generation "
+                                       "returned none")
+                out["sampling_per_token_logps"][j] = 0.0
+                out["sampling_per_token_logps"][j, :len(lp)] = torch.tensor(
+                    [float("nan") if x is None else x for x in lp])
+        return out
+
+    @torch.no_grad()
+    def _recompute_kept(self, out: dict[str, Any], c: int, count: int, temperature: float) -> None:
+        """Old and reference log-probs (at the training temperature, current weights: the weights that generated the
+        batch) and vLLM's importance-sampling ratio of this rank's kept samples (rows 0..count-1), where the batch
+        carries them. Every rank runs the same forwards, over its rows 0..c-1 (c = min(k, rows per rank), equal on
+        every rank), so sharded models (FSDP, ZeRO-3) step in lockstep."""
+        from trl.models.utils import disable_gradient_checkpointing
+
+        need = [k for k in ("old_per_token_logps", "ref_per_token_logps", "importance_sampling_ratio") if k in out]
+        if not need:
+            return  # on-policy: the loss takes the current log-probs (training temperature, same weights) as old
+        ids = torch.cat([out["prompt_ids"][:c], out["completion_ids"][:c]], dim=1)
+        am = torch.cat([out["prompt_mask"][:c], out["completion_mask"][:c]], dim=1)
+        T = out["completion_ids"].size(1)
+        bs = self.args.per_device_train_batch_size
+        with disable_gradient_checkpointing(self.model, self.args.gradient_checkpointing_kwargs):
+            if "old_per_token_logps" in out:
+                old, _, _ = self._get_per_token_logps_and_entropies(self.model, ids, am, T, batch_size=bs)
+                out["old_per_token_logps"][:count] = old[:count]
+            if "ref_per_token_logps" in out:
+                out["ref_per_token_logps"][:count] = self._ref_log_probs(ids, am, T, bs)[:count]
+            if "importance_sampling_ratio" in out:
+                # vLLM sampled these at the plan's temperature: the correction is the trainer's probability at that
+                # temperature over vLLM's, not the training temperature's (which would undo the temperature)
+                lp = self._log_probs_at(ids, am, out["completion_ids"][:c], out["completion_mask"][:c], temperature,
+                                        bs)
+                ratio = self._vllm_is_ratio(lp[:count], out["sampling_per_token_logps"][:count],
+                                            out["completion_mask"][:count])
+                out["importance_sampling_ratio"] = out["importance_sampling_ratio"].clone()
+                out["importance_sampling_ratio"][:count] = ratio.to(out["importance_sampling_ratio"])
+
+    def _ref_log_probs(self, ids, am, T, bs):
+        """Reference log-probs as GRPOTrainer computes them (its ref_model, or the PEFT model with adapters off)."""
+        if self.ref_model is not None:
+            return self._get_per_token_logps_and_entropies(self.ref_model, ids, am, T, batch_size=bs)[0]
+        from trl.trainer.utils import use_adapter
+
+        model = self.accelerator.unwrap_model(self.model)
+        with use_adapter(model, adapter_name="ref" if "ref" in model.peft_config else None):
+            return self._get_per_token_logps_and_entropies(self.model, ids, am, T, batch_size=bs)[0]
+
+    def _log_probs_at(self, ids, am, completion_ids, completion_mask, temperature, bs):
+        """Log-probs [rows, T] of the completion tokens under the current policy at ``temperature`` (logits-free when
+        the LM head can be tiled), in chunks of ``bs`` rows."""
+        T = completion_ids.size(1)
+        parts = []
+        for s in range(0, ids.size(0), bs):
+            sl = slice(s, s + bs)
+            tiled = self._lm_head_source(self.model, ids[sl], am[sl], T, completion_ids[sl], completion_mask[sl],
+                                         temperature=temperature)
+            if tiled is not None:
+                parts.append(tiled[0].log_prob().float())
+                continue
+            logits, _ = self._full_logits(self.model, ids[sl], am[sl], T, temperature=temperature)
+            logits = logits.float()
+            parts.append(logits.gather(-1, completion_ids[sl][..., None]).squeeze(-1) - torch.logsumexp(logits, -1))
+        return torch.cat(parts)
+
+    def _vllm_is_ratio(self, log_probs, sampling_log_probs, mask):
+        """TRL's vLLM importance-sampling ratio (GRPOTrainer._generate_and_score_completions) from the trainer's and
+        vLLM's log-probs of the same tokens: per token or per sequence, truncated or masked at the clip bounds."""
+        diff = torch.nan_to_num((log_probs - sampling_log_probs) * mask, nan=0.0)
+        mode = self.vllm_importance_sampling_mode
+        if mode in ("sequence_mask", "sequence_truncate"):
+            diff = diff.sum(dim=-1, keepdim=True)
+        ratio = torch.exp(diff)
+        lo, hi = self.vllm_importance_sampling_clip_min, self.vllm_importance_sampling_clip_max
+        if mode in ("sequence_truncate", "token_truncate"):
+            return torch.clamp(ratio, min=lo, max=hi)
+        if mode in ("sequence_mask", "token_mask"):
+            lo = -math.inf if lo is None else lo
+            hi = math.inf if hi is None else hi
+            return ratio.masked_fill((ratio < lo) | (ratio > hi), 0.0)
+        raise ValueError(f"unknown vllm_importance_sampling_mode {mode!r}")
 
     # ------------------------------------------------------------------------------------ step start
     def _prepare_inputs(self, generation_batch):
@@ -402,18 +697,19 @@ class EntropyGRPOTrainer(GRPOTrainer):
         self.method.begin_step(TokenBatch(**{k: torch.cat(v) for k, v in fields.items()}))
 
     # ------------------------------------------------------------------------------------ model outputs
-    def _full_logits(self, model, input_ids, attention_mask, logits_to_keep, **forward_kwargs):
-        """(completion logits [B, T, V] from the ordinary forward divided by the sampling temperature, the MoE aux
-        loss or None). ``forward_kwargs``: multimodal inputs, ``output_router_logits``."""
+    def _full_logits(self, model, input_ids, attention_mask, logits_to_keep, *, temperature=None, **forward_kwargs):
+        """(completion logits [B, T, V] from the ordinary forward divided by the sampling temperature (``temperature``,
+        default the training one), the MoE aux loss or None). ``forward_kwargs``: multimodal inputs,
+        ``output_router_logits``."""
         with self.accelerator.autocast():
             out = model(input_ids=input_ids, attention_mask=attention_mask, logits_to_keep=logits_to_keep + 1,
                         use_cache=False, **forward_kwargs)
         logits = out.logits[:, :-1, :]
         aux = out.aux_loss if forward_kwargs.get("output_router_logits") else None
-        return logits / self.temperature, aux
+        return logits / (self.temperature if temperature is None else temperature), aux
 
-    def _lm_head_source(self, model, input_ids, attention_mask, logits_to_keep, completion_ids, completion_mask,
-                        **forward_kwargs):
+    def _lm_head_source(self, model, input_ids, attention_mask, logits_to_keep, completion_ids, completion_mask, *,
+                        temperature=None, **forward_kwargs):
         """(an LMHeadSource over the completion positions: hidden states + LM head, no [B, T, V] logits, the MoE aux
         loss or None), or None when this model's head cannot be tiled (soft-capping, a non-Linear head: then the
         materialized route is used, once logged) or ``logits_free=False``."""
@@ -437,7 +733,8 @@ class EntropyGRPOTrainer(GRPOTrainer):
         with self.accelerator.autocast():
             src, out = khf.causal_lm_source(model, input_ids, attention_mask, logits_to_keep=logits_to_keep,
                                             token_ids=completion_ids, mask=completion_mask.bool(),
-                                            temperature=self.temperature, check=False, return_outputs=True,
+                                            temperature=self.temperature if temperature is None else temperature,
+                                            check=False, return_outputs=True,
                                             **forward_kwargs)
         aux = out.aux_loss if forward_kwargs.get("output_router_logits") else None
         return src, aux

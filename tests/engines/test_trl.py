@@ -56,11 +56,9 @@ def test_two_step_train_every_method(name, tok, tmp_path):
     cfg = {"siren": {"anchor_value": 1.0},  # a non-trivial anchor so the penalty acts
            # the tiny model's entropy (~3) is above the default band: RAFT++ with no reward > 0.5 is all zero;
            # below this band it is NSR, which moves the parameters
-           "entrocraft": {"lower": (5.0, 5.0), "upper": (6.0, 6.0), "total_steps": 2}}.get(name)
-    if callable(getattr(rlvr_entropy.get_method_class(name), "rollout_plan", None)):  # aepo: refused, not GRPO
-        with pytest.raises(ValueError, match="second set of samples .* would silently be GRPO"):
-            _trainer(tok, tmp_path, name, cfg, model=model)
-        return
+           "entrocraft": {"lower": (5.0, 5.0), "upper": (6.0, 6.0), "total_steps": 2},
+           # 2 prompts per generation batch: the first 1 again at the plan's temperature (test_trl_aepo.py)
+           "aepo": {"resample_divisor": 2, "reinforce_sample_num": 2}}.get(name)
     t = _trainer(tok, tmp_path, name, cfg, model=model)
     assert isinstance(t.method.dist, LocalCollective)
     t.train()

@@ -1,7 +1,7 @@
 """EntropyGRPOTrainer on 2 processes (torch.distributed.run, gloo, CPU): one controller state for the run.
 
 tests/engines/trl_multiproc.py trains siren, thermostat, adaptive_entropy, steer(scope="global") and forking_tokens
-(and entrocraft, whose begin_step is a collective) for 3 optimizer steps on 2 ranks that see different prompts, with evaluation in the loop, rank 1's whole second step
+(and entrocraft, whose begin_step is a collective, and aepo, whose second generation spans both ranks) for 3 optimizer steps on 2 ranks that see different prompts, with evaluation in the loop, rank 1's whole second step
 fully masked (and emitting a metric key rank 0 never emits), a checkpoint and a resume. See that script's docstring.
 """
 from __future__ import annotations
@@ -17,7 +17,7 @@ pytest.importorskip("trl")
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(os.path.dirname(HERE))
-METHODS = ("siren", "thermostat", "adaptive_entropy", "steer", "forking_tokens", "entrocraft")
+METHODS = ("siren", "thermostat", "adaptive_entropy", "steer", "forking_tokens", "entrocraft", "aepo")
 CONTROLLED = {"siren", "thermostat", "adaptive_entropy", "entrocraft"}
 #: where each controlled method keeps the entropy it measured over the step
 MEASURED = {"thermostat": ("pi", "last_entropy"), "adaptive_entropy": ("coef", "last_entropy"),
@@ -105,6 +105,37 @@ def test_checkpoint_resume_on_every_rank(runs, name):
     assert r0["resumed_final"] == r1["resumed_final"]
     saved = json.load(open(os.path.join(r0["checkpoint"], "rlvr_entropy_state.json")))
     assert saved["method"] == name and saved["state"] == r0["final"]
+
+
+def test_aepo_second_generation_is_one_plan_and_one_update_batch_over_both_ranks(runs):
+    """AEPO on 2 ranks (trl_multiproc.py: 16-row generation batches, every prompt generated again, 12 qualifying
+    temperature samples each time): the plan and the kept rows are the same on both ranks; H_prev at each plan is the
+    token mean of the NLL estimate over both ranks' micro-batches of the previous step (not either rank's own); the
+    kept samples take global positions 0..k-1 of the update batch, crossing from rank 0 (positions 0..7) to rank 1
+    when k = 12, each the temperature sample assemble chose, whichever rank generated it."""
+    r0, r1 = runs["aepo"]
+    a0, a1 = r0["aepo"], r1["aepo"]
+    assert a0["plans"] == a1["plans"] and a0["updates"] == a1["updates"]
+    assert [(t, n) for t, n, _ in a0["plans"]] == [(1.2, 4), (0.8, 4), (0.8, 4)]  # T_high while H_prev = 0 <= 0.5
+    s0, s1 = r0["local_sums"], r1["local_sums"]
+    assert a0["plans"][0][2] == 0.0
+    for g in (1, 2):
+        a, b = s0[g - 1], s1[g - 1]
+        expect = (a["estimate_sum"] + b["estimate_sum"]) / (a["estimate_count"] + b["estimate_count"])
+        assert a0["plans"][g][2] == pytest.approx(expect, rel=1e-12, abs=0)
+    own = [s["estimate_sum"] / s["estimate_count"] for s in (s0[0], s1[0])]
+    assert all(abs(a0["plans"][1][2] - o) > 1e-6 for o in own)  # the ranks saw different data
+    assert [u["k"] for u in a0["updates"]] == [12, 6, 6]  # min(60, 12), then halved above the target
+    n = 8  # rows per rank per generation batch
+    for g, u in enumerate(a0["updates"]):
+        every = a0["extra"][g] + a1["extra"][g]  # the 16 temperature samples in global order: 8 from each rank
+        assert len(a0["extra"][g]) == len(a1["extra"][g]) == 8
+        for i in range(0, 16, 4):  # each prompt's 4 samples are one group, the prompts the batch's 4 in order
+            assert all(p == every[i][0] for p, _ in every[i:i + 4])
+        kept = [every[e] for e in u["extra_rows"]]
+        assert a0["placed"][g] == kept[:n] and a1["placed"][g] == kept[n:2 * n]
+    assert [len(p) for p in a1["placed"]] == [4, 0, 0] and any(
+        e >= 8 for e in a0["updates"][0]["extra_rows"][:n])  # rank 0 placed samples rank 1 generated
 
 
 def test_masked_micro_batch_on_one_rank_does_not_hang_and_keys_union(runs):

@@ -2,7 +2,8 @@
 
     python -m torch.distributed.run --nproc_per_node 2 tests/engines/trl_multiproc.py OUT_DIR [options]
 
-For each method, every rank trains a tiny Qwen2 for 3 optimizer steps (2 micro-batches each) with evaluation in the
+For each method (aepo: with its second generation, and a reward pattern that fixes how many temperature samples
+qualify), every rank trains a tiny Qwen2 for 3 optimizer steps (2 micro-batches each) with evaluation in the
 loop (eval_on_start, eval_steps=1) and a checkpoint at step 3, then resumes from it for one more step. Ranks see
 different prompts (TRL's sampler) and, with --mask-rank R, rank R's whole second step is fully masked (as
 mask_truncated_completions does to a batch of truncated completions) and emits one metric key the other rank does
@@ -12,7 +13,8 @@ batches: its state is what this rank alone would hold, and its step sums are thi
 Each rank writes OUT_DIR/<method>.rank<r>.json: controller states (at train begin, after each step, after each
 evaluation, final, after resume), the shadow's states and step sums, per-micro-batch values of the statistics a
 global scope makes common (steer's omega_max, forking_tokens' threshold) for the method and its shadow, and the
-method metrics found in the main process's logs.
+method metrics found in the main process's logs; for aepo also each generation's plan, k and kept rows, this rank's share
+of the temperature samples and the rows it placed.
 """
 from __future__ import annotations
 
@@ -43,11 +45,64 @@ METHODS = {
     "forking_tokens": {},
     # begin_step (a collective) with each step's rollout; below the band (NSR) so that the step trains
     "entrocraft": {"lower": (5.0, 5.0), "upper": (6.0, 6.0), "total_steps": 4},
+    # the second generation: every prompt of the 16-row generation batch again (resample_divisor 1: 16 samples, 8 per
+    # rank); with three correct answers in every group of 4 (pattern_reward) 12 qualify, so k = 12 at the first step
+    # (H_prev = 0: rows 0..7 of rank 0 and 0..3 of rank 1) and 12 // 2 = 6 after it (H_prev ~ 3 > 0.5)
+    "aepo": {"resample_divisor": 1},
 }
+#: reward functions other than digit_reward
+REWARDS = {"aepo": "pattern"}
 #: per-micro-batch statistics a global scope makes identical across ranks
 SHARED = {"steer": "steer/omega_max", "forking_tokens": "forking_tokens/threshold"}
 BATCH_FIELDS = ("log_prob", "old_log_prob", "advantages", "mask", "logits", "entropy", "old_entropy", "ref_log_prob",
                 "rewards", "group_reward")
+
+
+def pattern_reward(completions, **kwargs):
+    """1, 1, 1, 0 for every 4 consecutive completions of a call (every call here starts at a group boundary): a
+    known number of qualifying temperature samples, whatever the tiny model writes."""
+    return [0.0 if i % 4 == 3 else 1.0 for i in range(len(completions))]
+
+
+def _attach_aepo(trainer, record):
+    """Record, per generation batch: the plan, assemble's k and rows, this rank's share of the temperature samples
+    (prompt and completion ids) and the rows this rank placed in its first positions."""
+    rec = record["aepo"] = {"plans": [], "updates": [], "extra": [], "placed": []}
+    m = trainer.method
+    plan, assemble, second, gen, place = (m.rollout_plan, m.assemble, trainer._second_generation,
+                                          trainer._generate_single_turn, trainer._place_rows)
+    flag = {"on": False}
+
+    def rollout_plan(num_prompts):
+        p = plan(num_prompts)
+        rec["plans"].append([p.temperature, p.num_prompts, p.entropy])
+        return p
+
+    def spy_assemble(main, extra):
+        u = assemble(main, extra)
+        rec["updates"].append({"k": u.k, "extra_rows": u.extra_rows.tolist()})
+        return u
+
+    def second_generation(inputs, out):
+        flag["on"] = True
+        try:
+            return second(inputs, out)
+        finally:
+            flag["on"] = False
+
+    def generate_single_turn(prompt_ids, *a, **kw):
+        c, lp = gen(prompt_ids, *a, **kw)
+        if flag["on"]:
+            rec["extra"].append([[list(p), list(x)] for p, x in zip(prompt_ids, c)])
+        return c, lp
+
+    def place_rows(out, rows):
+        rec["placed"].append([[list(p), list(x)] for p, x, _ in rows])
+        return place(out, rows)
+
+    m.rollout_plan, m.assemble = rollout_plan, spy_assemble
+    trainer._second_generation, trainer._generate_single_turn, trainer._place_rows = (
+        second_generation, generate_single_turn, place_rows)
 
 
 def _plain(x):
@@ -163,10 +218,13 @@ def run(name, cfg, out_dir, mask_rank):
     args = GRPOConfig(max_steps=3, save_strategy="steps", save_steps=3, eval_strategy="steps", eval_steps=1,
                       eval_on_start=True, **common)
     MaskingTrainer.mask_rank = mask_rank
-    t = MaskingTrainer(model=make_model(tok), reward_funcs=digit_reward, args=args, train_dataset=make_dataset(8),
+    reward = pattern_reward if REWARDS.get(name) == "pattern" else digit_reward
+    t = MaskingTrainer(model=make_model(tok), reward_funcs=reward, args=args, train_dataset=make_dataset(8),
                        eval_dataset=make_dataset(2), processing_class=tok, method=name, method_config=dict(cfg))
     record = {"local_sums": [], "shared": [], "shadow_shared": [], "masked_micro_batches": 0}
     shadow = _attach_shadow(t, name, cfg, record)
+    if name == "aepo":
+        _attach_aepo(t, record)
     rec = Recorder(t)
     t.add_callback(rec)
     t.train()
@@ -180,7 +238,7 @@ def run(name, cfg, out_dir, mask_rank):
     # resume from the checkpoint with a fresh model and method
     args2 = GRPOConfig(max_steps=4, save_strategy="no", **common)
     MaskingTrainer.mask_rank = None
-    t2 = MaskingTrainer(model=make_model(tok, seed=7), reward_funcs=digit_reward, args=args2,
+    t2 = MaskingTrainer(model=make_model(tok, seed=7), reward_funcs=reward, args=args2,
                         train_dataset=make_dataset(8), processing_class=tok, method=name, method_config=dict(cfg))
     rec2 = Recorder(t2)
     t2.add_callback(rec2)

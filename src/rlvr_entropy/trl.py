@@ -17,6 +17,12 @@ docs/engines/trl.md for the user's view; in short:
   micro-batch, ``method.end_step()`` once per optimizer step on every rank (``on_step_end``), through a
   :class:`~rlvr_entropy.core.dist.TorchCollective` over accelerate's processes when there is more than one. The
   controller state is therefore one state for the run, identical on every rank; evaluation never changes it.
+- Methods that generate a second set of samples each step (``rollout_plan`` / ``assemble``: aepo) get it in
+  ``_generate_and_score_completions``, for every training generation batch (``_second_generation``): the plan's
+  prompts again at its temperature, split over the processes as TRL splits a generation, scored by the same reward
+  functions; the rows ``assemble`` keeps replace the first rows of the generation batch (global order), with every
+  per-row field, and old / reference log-probs and vLLM's importance ratio recomputed for them. Options it cannot
+  honour raise at construction (``_check_second_generation``).
 - Method metrics are accumulated per process and reduced once per optimizer step (and once per evaluation) as one
   tensor over the union of every rank's keys: no per-key collective, so ranks whose micro-batches emit different
   keys (a fully masked micro-batch) cannot hang.
@@ -289,7 +295,9 @@ class EntropyGRPOTrainer(GRPOTrainer):
     cispo / sapo / vespo and ``importance_sampling_level="sequence"`` raise: use the methods entropy_bonus,
     adaptive_entropy, forking_tokens. ``beta`` (KL to a reference, with ``use_bias_correction_kl``),
     ``off_policy_mask_threshold``, the vLLM importance-sampling correction and the MoE router aux loss are applied as
-    TRL applies them.
+    TRL applies them. A method with ``rollout_plan`` (aepo) runs its second generation each generation batch; with it,
+    ``rollout_func``, ``tools`` / ``environment_factory``, a ``temperature`` in ``generation_kwargs`` and a temperature
+    rollout that does not split evenly over the processes raise (docs/engines/trl.md).
     """
 
     def __init__(self, *args: Any, method: str | Method = "grpo", method_config: dict[str, Any] | None = None,

@@ -42,7 +42,17 @@ Deviations from the official code:
 - Options (not the code): ``entropy_estimate="entropy"`` uses the full-vocabulary entropy of the current policy
   (the README names H(pi_old)) instead of the sampled-token NLL.
 - Where the temperature samples land is the engine's business: the official dispatches rows to ranks in order
-  without shuffling, so they act on the first optimizer update of the step only (rank 0's first mini-batch).
+  without shuffling, so they act on the first optimizer update of the step only (rank 0's first mini-batch). The
+  testbed shuffles the update batch into its minibatches like any rollout. EntropyGRPOTrainer (TRL) keeps the
+  official order over the whole generation batch (the kept samples in global positions 0..k-1, i.e. rank 0's first
+  rows, then rank 1's when k exceeds a rank's rows) and TRL shuffles each rank's rows over its micro-batches as it
+  does every generation: with several optimizer steps per generation batch they act on any of them, not only the
+  first. The verl plugin refuses the method (docs/engines/verl.md says why).
+- Under TRL, B is the generation batch (generation_batch_size / num_generations prompts over every process), one plan
+  per generation batch; the temperature rollout's reward is the weighted sum of TRL's reward functions, and its
+  advantages (for the selection only) are the official (R - mean) / (std + 1e-6) whatever TRL's scale_rewards; with
+  vLLM's importance-sampling correction the kept samples' ratio compares trainer and vLLM at the sampling
+  temperature (the official has no such correction). See docs/engines/trl.md.
 """
 from __future__ import annotations
 

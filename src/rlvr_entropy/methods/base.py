@@ -284,11 +284,12 @@ def decides_from_rollout(method: Method | type[Method]) -> bool:
 
 def check_one_generation(method: Method | type[Method], name: str, engine: str, key: str = "method") -> None:
     """Raise for a method that adds a second generation per step (``rollout_plan`` / ``assemble``: aepo) in an
-    ``engine`` that does not run it: there the method would silently be GRPO."""
+    ``engine`` that does not run it (the verl plugin): there the method would silently be GRPO."""
     if callable(getattr(method, "rollout_plan", None)):
         raise ValueError(f"{key} {name!r} generates a second set of samples each step at another temperature "
                          f"(rollout_plan / assemble); {engine} does not run that generation, and without it the "
-                         f"method would silently be GRPO. It runs on the testbed (rlvr-entropy run --method {name})")
+                         f"method would silently be GRPO. It runs on the testbed (rlvr-entropy run --method {name}) "
+                         "and in the TRL engine (rlvr_entropy.trl.EntropyGRPOTrainer)")
 
 
 def make_config(cls: type[Method], **config: Any) -> PGConfig:

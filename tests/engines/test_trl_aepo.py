@@ -54,10 +54,11 @@ def model_dir(tok, tmp_path_factory):
     return str(d)
 
 
-def _trainer(tok, tmp_path, method_config=None, model=None, **args):
+def _trainer(tok, tmp_path, method_config=None, model=None, logits_free=True, **args):
     return EntropyGRPOTrainer(model=model or make_model(tok), reward_funcs=digit_reward, args=_args(tmp_path, **args),
                               train_dataset=make_dataset(), processing_class=tok, method="aepo",
-                              method_config=AEPO if method_config is None else method_config)
+                              method_config=AEPO if method_config is None else method_config,
+                              logits_free=logits_free)
 
 
 class Spy:
@@ -257,13 +258,14 @@ class FakeVLLM:
         return prompts, completions, logprobs, None
 
 
-@pytest.mark.parametrize("mode", ["token_truncate", "sequence_mask"])
-def test_vllm_path_sets_the_temperature_and_corrects_only_the_engine_mismatch(mode, tok, tmp_path):
+@pytest.mark.parametrize("mode, logits_free", [("token_truncate", True), ("sequence_mask", False)])
+def test_vllm_path_sets_the_temperature_and_corrects_only_the_engine_mismatch(mode, logits_free, tok, tmp_path):
     """With vLLM (a fake: same model, so no engine mismatch) the plan's temperature reaches vLLM for the second
     generation only; the kept rows carry vLLM's sampling log-probs, and their importance ratio compares the trainer
     and vLLM at the sampling temperature (1 here), not the training temperature's log-probs with the sampling ones
-    (which would undo the temperature)."""
-    t = _trainer(tok, tmp_path, max_steps=1)
+    (which would undo the temperature). The trainer's log-probs at that temperature come from the tiled LM head or,
+    with logits_free=False, from materialized logits."""
+    t = _trainer(tok, tmp_path, max_steps=1, logits_free=logits_free)
     fake = FakeVLLM(t, TRAIN_T, max_tokens=6)
     t.use_vllm, t.vllm_generation, t._last_loaded_step = True, fake, -1
     t.vllm_importance_sampling_correction, t.vllm_importance_sampling_mode = True, mode

@@ -187,6 +187,31 @@ def test_second_generation_runs_at_the_plans_temperature_and_replaces_rows(tok, 
     assert {"aepo/second_generation/reward", "aepo/second_generation/qualified", "aepo/reinforce_samples"} <= logged
 
 
+def test_kept_rows_are_padded_and_masked_as_trl_pads_and_masks(tok, tmp_path):
+    """pad_to_multiple_of and mask_truncated_completions apply to the kept rows as TRL applies them to its own: widths
+    stay multiples, a kept sample that hit max_completion_length without EOS gets an all-zero completion mask."""
+    t = _trainer(tok, tmp_path, max_steps=1, pad_to_multiple_of=4, mask_truncated_completions=True,
+                 max_completion_length=3)
+    spy = Spy(t)
+    t.train()
+    (main, new), (_, _, upd), (_, xc, _) = spy.batches[0], spy.updates[0], spy.extra[0]
+    assert upd.k > 0
+    assert new["prompt_ids"].size(1) % 4 == 0 and new["completion_ids"].size(1) % 4 == 0
+    eos = set(t.eos_token_ids) | {tok.pad_token_id}
+    truncated = 0
+    for j, e in enumerate(upd.extra_rows.tolist()):
+        c = list(xc[e])
+        assert new["completion_ids"][j, :len(c)].tolist() == c
+        mask = new["completion_mask"][j]
+        if c[-1] not in eos:
+            truncated += 1
+            assert not mask.any()
+        else:
+            assert mask.tolist() == [1] * len(c) + [0] * (mask.numel() - len(c))
+    assert truncated > 0, "the test needs a truncated kept sample"
+    assert int(new["num_items_in_batch"]) == int(new["completion_mask"].sum())
+
+
 @pytest.mark.parametrize("beta", [0.0, 0.1])
 def test_old_and_reference_log_probs_of_kept_rows_are_recomputed(beta, tok, tmp_path, model_dir):
     """Off-policy (num_iterations=2: TRL carries old_per_token_logps): the kept rows' old log-probs are the policy's

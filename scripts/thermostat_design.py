@@ -35,6 +35,13 @@ VARIANTS: dict[str, tuple[dict[str, object], str]] = {
     "reach0": ({"reach_tol": 0.0, "reach_gain": 0.25, "reach_min_scale": 0.3},
                "as reach0.03 with no tolerance and gain 0.25: the floor descends only while the reach is above its "
                "start"),
+    "pull": ({"actuator": "pull", "pull_coef": 0.5, "reach_tol": 0.03, "reach_gain": 0.5, "reach_min_scale": 0.3},
+             "as reach0.03, but below the floor the controller pulls the policy toward the reference (the warm "
+             "start) instead of damping: loss + u x 0.5 x k3(ref), whose gradient is the forward KL's"),
+    "pull-fixed": ({"actuator": "pull", "pull_coef": 0.5, "reach_tol": "none", "target": 10.0,
+                    "schedule_steps": "none"},
+                   "the pull at a fixed coefficient 0.5 (a floor far above any entropy keeps u = 1: no controller), "
+                   "i.e. GRPO + 0.5 x k3 KL to the reference: does the closed loop matter?"),
 }
 
 

@@ -46,7 +46,7 @@ from rlvr_entropy import stats
 from rlvr_entropy.controllers.pi import EntropyPI
 from rlvr_entropy.controllers.reach import ReachFloor
 from rlvr_entropy.core.aggregation import masked_mean
-from rlvr_entropy.core.validation import check_float, check_int
+from rlvr_entropy.core.validation import check_choice, check_float, check_int
 from rlvr_entropy.methods.base import Method, PGConfig, register_method
 from rlvr_entropy.stats import Stat
 
@@ -86,6 +86,11 @@ class ThermostatConfig(PGConfig):
     """Gain of the reach-gated floor (per step, on the reach error)."""
     reach_min_scale: float = 0.3
     """Lowest level of the reach-gated floor, x the first measured entropy."""
+    actuator: str = "damp"
+    """How the controller raises entropy: "damp" (weights <= 1 on the tokens predicted to lower it; reads the
+    logits) or "pull" (a pull toward the reference policy with coefficient u x pull_coef; reads ref_log_prob)."""
+    pull_coef: float = 0.5
+    """actuator="pull": the pull's coefficient at u = 1 (per-token k3 term, aggregated like the surrogate)."""
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -104,6 +109,8 @@ class ThermostatConfig(PGConfig):
             check_float("reach_tol", self.reach_tol, lo=0.0, hi=1.0)
         check_float("reach_gain", self.reach_gain, lo=0.0)
         check_float("reach_min_scale", self.reach_min_scale, lo=0.0, hi=1.0)
+        check_choice("actuator", self.actuator, ("damp", "pull"))
+        check_float("pull_coef", self.pull_coef, lo=0.0)
 
 
 @torch.no_grad()
@@ -189,6 +196,18 @@ def damping_weight(d: torch.Tensor, mask: torch.Tensor, u: float, weight_min: fl
     return ones.masked_scatter(down, 1.0 - cut), float((1.0 - cut).mean())
 
 
+def pull_term(log_prob: torch.Tensor, ref_log_prob: torch.Tensor, mask: torch.Tensor,
+              clamp: float = 20.0) -> torch.Tensor:
+    """k3_t = exp(delta) - delta - 1 with delta = ref_log_prob - log_prob (clamped to +-clamp), [B, T], 0 at padding.
+
+    On tokens sampled from pi, its gradient with respect to log pi_t is 1 - pi_ref / pi: in expectation
+    pi - pi_ref in logit space, the gradient of the forward KL(pi_ref || pi) at the visited position. It pulls
+    every token toward its reference probability (down where pi over-weights it, up where pi under-weights it), so
+    a mode the reference keeps is never driven to zero. log_prob (with gradient) / ref_log_prob / mask [B, T]."""
+    delta = torch.clamp(ref_log_prob.detach() - log_prob, -clamp, clamp)
+    return torch.where(mask, torch.exp(delta) - delta - 1.0, torch.zeros_like(delta))
+
+
 @register_method
 class Thermostat(Method):
     name = "thermostat"
@@ -200,6 +219,8 @@ class Thermostat(Method):
     def __init__(self, config=None, **overrides):
         super().__init__(config, **overrides)
         c = self.config
+        if c.actuator == "pull":
+            self.needs = ("ref_log_prob",)
         gated = c.reach_tol is not None
         self.reach = ReachFloor(c.reach_tol, c.reach_gain, min_scale=c.reach_min_scale) if gated else None
         self.pi = EntropyPI(c.kp, c.ki, i_max=c.i_max, target=c.target, target_end=c.target_end,
@@ -220,17 +241,13 @@ class Thermostat(Method):
 
     def logits_requests(self) -> tuple[Stat, ...]:
         """The distribution statistics the loss reads (what an engine prefetches; rlvr_entropy.kernels)."""
-        return (Stat.change_terms(),)
+        return (Stat.change_terms(),) if self.config.actuator == "damp" else ()
 
     def _loss(self, batch, *, new_step):
         c = self.config
         mask = batch.mask
         adv = batch.token_advantages()
         terms = self.pg_terms(batch, adv)
-        coef = terms.coef(adv)
-        with torch.no_grad():  # one pass over the logits (or the lm_head source's shared pass)
-            bracket = _bracket(*batch.stat(Stat.change_terms(), self.name), batch.clean(batch.log_prob), mask)
-        d = _change(bracket, coef, mask)
         h_tok = batch.current_entropy(self.name).detach()
         h_now = masked_mean(h_tok, mask)  # the controlled quantity: token-mean entropy
         self.observe(entropy_sum=torch.where(mask, h_tok.to(torch.float64), 0.0).sum(), tokens=mask.sum())
@@ -246,11 +263,13 @@ class Thermostat(Method):
                                  f"sample when its mean is > 0), got {float(gr[bad][0])}; rescale the rewards or "
                                  "set reach_tol=None")
             self.observe(reach_rows=(rows & (gr > 0).to(rows.device)).sum(), rows=rows.sum())
-        # |d_t| / |coef_t| where coef_t != 0: each token's entropy change per unit of policy-gradient coefficient
-        w, lam = damping_weight(d, mask, self.pi.u, c.weight_min, bracket.abs())
-        loss = self.aggregate(w * terms.loss, mask)
+        if c.actuator == "pull":
+            loss, act = self._pull(batch, terms, mask)
+        else:
+            loss, act = self._damp(batch, terms, adv, mask)
         with torch.no_grad():
             metrics = self.pg_metrics(terms, batch)
+            metrics.update(act)
             metrics.update({
                 "target": float(self.pi.target) if self.pi.target is not None else float("nan"),
                 **({"reach_ema": self.reach.ema if self.reach.ema is not None else float("nan"),
@@ -259,13 +278,29 @@ class Thermostat(Method):
                 "error": self.pi.last_error,
                 "u": self.pi.u,
                 "integral": self.pi.integral,
-                "lambda": lam,
-                "predicted_change": masked_mean(d, mask),
-                "predicted_change_weighted": masked_mean(w * d, mask),
-                "damped_frac": masked_mean((w < 1).float(), mask),
-                "weight_mean": masked_mean(w, mask),
             })
         return loss, metrics
+
+    def _damp(self, batch, terms, adv, mask):
+        c = self.config
+        coef = terms.coef(adv)
+        with torch.no_grad():  # one pass over the logits (or the lm_head source's shared pass)
+            bracket = _bracket(*batch.stat(Stat.change_terms(), self.name), batch.clean(batch.log_prob), mask)
+        d = _change(bracket, coef, mask)
+        # |d_t| / |coef_t| where coef_t != 0: each token's entropy change per unit of policy-gradient coefficient
+        w, lam = damping_weight(d, mask, self.pi.u, c.weight_min, bracket.abs())
+        loss = self.aggregate(w * terms.loss, mask)
+        with torch.no_grad():
+            return loss, {"lambda": lam, "predicted_change": masked_mean(d, mask),
+                          "predicted_change_weighted": masked_mean(w * d, mask),
+                          "damped_frac": masked_mean((w < 1).float(), mask), "weight_mean": masked_mean(w, mask)}
+
+    def _pull(self, batch, terms, mask):
+        c = self.config
+        k3 = pull_term(batch.clean(batch.log_prob), batch.clean(batch.ref_log_prob), mask, c.clamp_log_ratio)
+        beta = self.pi.u * c.pull_coef
+        loss = self.aggregate(terms.loss + beta * k3, mask) if beta > 0 else self.aggregate(terms.loss, mask)
+        return loss, {"pull_coef": beta, "kl": masked_mean(k3.detach(), mask)}
 
     def _update(self, sums):
         if self.reach is not None and sums["rows"] > 0:  # the floor's level for this step's error

@@ -292,3 +292,111 @@ def test_reach_gated_floor_follows_the_batch_reach():
     n = re.make_method("thermostat", **cfg)
     n.load_state_dict(m.state_dict())
     assert n.pi.target == pytest.approx(m.pi.target) and n.state_dict() == m.state_dict()
+
+
+# ------------------------------------------------------------------------------------------- pull actuator
+def test_pull_term_by_hand():
+    from rlvr_entropy.methods.thermostat import pull_term
+
+    ln2 = math.log(2.0)
+    # delta = ref - log_prob = [0, ln 2, -ln 2, pad]: k3 = [0, 2 - ln 2 - 1, 0.5 + ln 2 - 1, 0]
+    lp = torch.tensor([[-1.0, -1.0 - ln2, -1.0 + ln2, 5.0]], dtype=torch.float64, requires_grad=True)
+    ref = torch.full((1, 4), -1.0, dtype=torch.float64)
+    ref[0, 3] = float("nan")  # padding may hold anything
+    mask = torch.tensor([[True, True, True, False]])
+    k3 = pull_term(lp, torch.where(mask, ref, 0.0), mask)
+    torch.testing.assert_close(k3, torch.tensor([[0.0, 1.0 - ln2, ln2 - 0.5, 0.0]], dtype=torch.float64))
+    k3.sum().backward()
+    # d k3 / d log_prob = 1 - exp(delta): [0, -1, 0.5], none at padding
+    torch.testing.assert_close(lp.grad, torch.tensor([[0.0, -1.0, 0.5, 0.0]], dtype=torch.float64))
+    # the clamp keeps exp finite: delta = 1000 is read as 20
+    big = pull_term(torch.tensor([[-1000.0]], dtype=torch.float64), torch.zeros(1, 1, dtype=torch.float64),
+                    torch.ones(1, 1, dtype=torch.bool))
+    assert float(big) == pytest.approx(math.exp(20.0) - 21.0)
+
+
+def test_pull_gradient_is_the_forward_kl_gradient_in_expectation():
+    """Over a token drawn from pi, E[d k3 / d z] = pi - pi_ref = d KL(pi_ref || pi) / d z (z: the logits), by exact
+    enumeration; the reverse KL's gradient is different (the pull keeps the reference's modes)."""
+    torch.manual_seed(3)
+    V = 6
+    from rlvr_entropy.methods.thermostat import pull_term
+
+    z = torch.randn(V, dtype=torch.float64, requires_grad=True)
+    ref = torch.log_softmax(torch.randn(V, dtype=torch.float64), -1)
+    logp = torch.log_softmax(z, -1)
+    pi = logp.exp().detach()
+    exp_grad = torch.zeros(V, dtype=torch.float64)
+    for a in range(V):
+        k3 = pull_term(logp[a].view(1, 1), ref[a].view(1, 1), torch.ones(1, 1, dtype=torch.bool))
+        (g,) = torch.autograd.grad(k3.sum(), z, retain_graph=True)
+        exp_grad += pi[a] * g
+    torch.testing.assert_close(exp_grad, pi - ref.exp(), rtol=1e-10, atol=1e-12)
+    fkl = (ref.exp() * (ref - logp)).sum()
+    torch.testing.assert_close(torch.autograd.grad(fkl, z, retain_graph=True)[0], exp_grad, rtol=1e-10, atol=1e-12)
+    rkl = (pi * 0 + logp.exp() * (logp - ref)).sum()
+    assert not torch.allclose(torch.autograd.grad(rkl, z)[0], exp_grad, atol=1e-3)
+
+
+def test_pull_term_equals_trl_and_verl_k3():
+    """TRL's GRPOTrainer KL term and verl's kl_penalty "low_var_kl" are the same k3 (verl also clamps the value at
+    +-10, inactive here)."""
+    from rlvr_entropy.methods.thermostat import pull_term
+
+    leaves, _ = make_leaves(seed=21)
+    lp, ref, mask = leaves["log_prob"].detach(), leaves["ref_log_prob"], leaves["mask"]
+    ours = pull_term(lp, ref, mask)
+    trl_kl = torch.exp(ref - lp) - (ref - lp) - 1  # trl/trainer/grpo_trainer.py, _compute_loss (beta != 0)
+    torch.testing.assert_close(ours, torch.where(mask, trl_kl, 0.0), rtol=1e-12, atol=1e-12)
+    verl = pytest.importorskip("verl.trainer.ppo.core_algos")
+    torch.testing.assert_close(ours, torch.where(mask, verl.kl_penalty(lp, ref, "low_var_kl"), 0.0), rtol=1e-12,
+                               atol=1e-12)
+
+
+def _pull_method(**cfg):
+    return re.make_method("thermostat", actuator="pull", reach_tol=None, **cfg)
+
+
+def test_pull_loss_is_grpo_plus_u_times_coef_times_k3():
+    """Below the floor: loss = agg(PPO loss) + u x pull_coef x agg(k3); at u = 0 (first step, or entropy above the
+    floor) it is grpo's loss exactly, and neutral gains (kp = ki = 0) keep it there; without ref_log_prob it raises."""
+    from rlvr_entropy.methods.thermostat import pull_term
+
+    leaves, _ = make_leaves(seed=22)
+    b = batch_from(leaves)
+    pg = dict(eps_high=0.28)
+    grpo = re.make_method("grpo", **pg).compute_loss(b).loss
+    m = _pull_method(target=10.0, kp=0.5, ki=0.1, pull_coef=0.4)  # a floor far above: u > 0 from step 2
+    first = m.compute_loss(b, step=0)
+    assert float(first.loss.detach()) == pytest.approx(float(grpo.detach()), rel=1e-12)
+    assert first.metrics["thermostat/pull_coef"] == 0.0
+    m.end_step()
+    u = m.pi.u
+    assert 0 < u < 1
+    out = m.compute_loss(b, step=1)
+    k3 = re.core.aggregation.masked_mean(pull_term(b.clean(b.log_prob), b.clean(b.ref_log_prob), b.mask), b.mask)
+    assert float(out.loss) == pytest.approx(float(grpo) + u * 0.4 * float(k3), rel=1e-10)
+    assert out.metrics["thermostat/pull_coef"] == pytest.approx(u * 0.4)
+    assert float(out.metrics["thermostat/kl"]) == pytest.approx(float(k3), rel=1e-10)
+    n = _pull_method(target=10.0, kp=0.0, ki=0.0)
+    for k in range(3):
+        assert float(n.compute_loss(b, step=k).loss) == pytest.approx(float(grpo), rel=1e-12)
+    with pytest.raises(ValueError, match="ref_log_prob"):
+        _pull_method().compute_loss(batch_from(leaves, ref_log_prob=None))
+    assert _pull_method().needs == ("ref_log_prob",) and re.make_method("thermostat").needs == ("logits",)
+    with pytest.raises(ValueError, match="actuator"):
+        re.make_method("thermostat", actuator="push")
+    with pytest.raises(ValueError, match="pull_coef"):
+        re.make_method("thermostat", pull_coef=-1.0)
+
+
+def test_pull_reads_no_logits_and_masked_tokens_get_no_gradient():
+    leaves, _ = make_leaves(seed=23)
+    m = _pull_method(target=10.0, kp=1.0)
+    m.compute_loss(batch_from(leaves, logits=None), step=0)
+    m.end_step()
+    leaves["log_prob"].grad = None
+    out = m.compute_loss(batch_from(leaves, logits=None), step=1)
+    out.loss.backward()
+    g = leaves["log_prob"].grad
+    assert bool((g[~leaves["mask"]] == 0).all()) and bool((g[leaves["mask"]] != 0).any())

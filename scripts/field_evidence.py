@@ -3,7 +3,7 @@ Entrocraft, AEPO) on every testbed task, same budget, same protocol; writes the 
 every number in it comes from this script's runs).
 
     python scripts/field_evidence.py [--tasks countdown3,arith,countdown4] [--seeds 50,51,52,53,54] [--steps 100]
-                                     [--out runs/field] [--jobs 2]
+                                     [--others ...] [--other-seeds 50,51,52] [--out runs/field] [--jobs 2]
     python scripts/field_evidence.py --only-report      # rebuild docs/results.md from existing runs
 
 Protocol (the issue-6 protocol of scripts/thermostat_evidence.py on each task): the task's shipped warm start, 32
@@ -19,7 +19,11 @@ official band (lower 0.6 -> 0.4, upper 0.7 -> 0.5 nats, linear over the run) sca
 also goes from H0 to 0.69 H0 (``total_steps`` = the run's steps). SIREN: ``norm_length=none`` (its sum over 3072
 tokens would shrink the policy gradient ~200x on 15-token responses).
 
-Goal check (the issue's, per task; ours = ``thermostat``): pass@8 and pass@32 above every other contender's with
+The other registered methods (OTHERS: entropy bonus, adaptive entropy, Clip-Cov, KL-Cov, forking tokens, entropy
+advantage, W-REINFORCE, CE-GPPO, Lp-Reg) run with the same protocol at their paper defaults on ``--other-seeds``
+(50-52) and are judged by the same goal check.
+
+Goal check (the issue's, per task; ours = ``thermostat``): pass@8 and pass@32 above every other method's with
 non-overlapping standard errors at T = 1, and at matched pass@1 (the thermostat's pass@k read off its frontier at each
 other method's pass@1, at each of that method's temperatures); pass@1 at least the mean of grpo's, siren's and
 steer's; final pass@32 within 0.03 of the warm start's. Stress test: countdown3 at lr 3e-4 (grpo, thermostat and a
@@ -39,6 +43,9 @@ from rlvr_entropy import cli  # noqa: E402
 
 TASKS = ("countdown3", "arith", "countdown4")
 CONTENDERS = ["grpo", "siren", "steer", "entropic", "entrocraft", "aepo", "thermostat"]
+# every other registered method, at paper defaults and fewer seeds (--other-seeds); judged by the same goal check
+OTHERS = ["entropy_bonus", "adaptive_entropy", "clip_cov", "kl_cov", "forking_tokens", "entropy_advantage",
+          "w_reinforce", "ce_gppo", "lp_reg"]
 OURS = "thermostat"
 BASELINES_FOR_PASS1 = ("grpo", "siren", "steer")
 TARGET_FRACTION = 0.7  # the thermostat's fixed floor ends at 0.7 x H0: every closed-loop method aims there
@@ -130,7 +137,7 @@ def goal_check(stats: dict, fr: dict | None, reach0: tuple[float, float], ours: 
 
 def task_section(root: Path, task: str, h0: float, docs: Path, jobs: int, frontier: bool) -> tuple[list[str], dict]:
     md, stats = ev.table(root)
-    fr = ev.sweep_frontiers(root, [m for m in CONTENDERS if m in stats], jobs) if frontier else None
+    fr = ev.sweep_frontiers(root, [m for m in CONTENDERS + OTHERS if m in stats], jobs) if frontier else None
     plot = docs / f"results_{task}_entropy.png"
     ev.plot_entropy(root, plot, f"{task}, lr 1e-4 (mean over seeds)")
     reach0 = warm_reach(root)
@@ -154,6 +161,8 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default="runs/field")
     ap.add_argument("--jobs", type=int, default=2)
     ap.add_argument("--methods", default=",".join(CONTENDERS))
+    ap.add_argument("--others", default=",".join(OTHERS), help="run on --other-seeds ('' for none)")
+    ap.add_argument("--other-seeds", default="50,51,52")
     ap.add_argument("--skip-stress", action="store_true")
     ap.add_argument("--only-report", action="store_true")
     ap.add_argument("--no-frontier", action="store_true")
@@ -162,15 +171,20 @@ def main(argv=None) -> int:
     tasks = [t for t in a.tasks.split(",") if t]
     seeds = [int(s) for s in a.seeds.split(",") if s]
     methods = [m for m in a.methods.split(",") if m]
+    others = [m for m in a.others.split(",") if m]
+    other_seeds = [int(s) for s in a.other_seeds.split(",") if s]
     out = Path(a.out)
     t0 = time.time()
     h0 = {t: warm_start_entropy(t) for t in tasks}
     if not a.only_report:
         for t in tasks:
-            rc = cli.main(ev._argv(methods, seeds, a.steps, out / t, a.jobs, task=t,
-                                   per_method=method_overrides(h0[t], a.steps)))
-            if rc:
-                return rc
+            for ms, ss in ((methods, seeds), (others, other_seeds)):
+                if not ms or not ss:
+                    continue
+                rc = cli.main(ev._argv(ms, ss, a.steps, out / t, a.jobs, task=t,
+                                       per_method=method_overrides(h0[t], a.steps)))
+                if rc:
+                    return rc
         if not a.skip_stress and "countdown3" in tasks:
             rc = cli.main(ev._argv(STRESS_METHODS, seeds[:2], a.steps, out / "stress", a.jobs,
                                    train_extra={"lr": STRESS_LR}, per_method=ev.STRESS_OVERRIDES))

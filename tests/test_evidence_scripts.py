@@ -247,3 +247,12 @@ def test_field_matched_frontier_against_every_other_method():
     st = {m: {k: (0.5, 0.0) for k in ("pass@1", "pass@8", "pass@32")} for m in fr}
     _, met = fe.goal_check(st, fr, (0.5, 0.0))
     assert met["pass@8 above all at matched pass@1"] is False
+
+
+def test_field_evidence_covers_every_registered_method():
+    """Every registered method is either a contender (5 evidence seeds) or one of the others (3 seeds): a newly
+    registered method cannot be left out of the comparison silently."""
+    from rlvr_entropy import available_methods
+
+    assert set(fe.CONTENDERS) | set(fe.OTHERS) == set(available_methods())
+    assert not set(fe.CONTENDERS) & set(fe.OTHERS)

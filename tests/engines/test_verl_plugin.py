@@ -753,3 +753,39 @@ def test_a_micro_batch_without_ref_log_prob_is_refused_naming_the_field_and_the_
             ValueError, match=r"ref_log_prob.*RLVR_ENTROPY_VERL_LOSS=1.*use_kl_loss=True"):
         get_policy_loss_fn("rle_thermostat")(*args)
     _loss(entropy_ppo_loss, cfg, out, _with_reference(data))  # with the field: no error
+
+
+def test_the_docs_reference_settings_compose_with_verls_config_and_pass_the_check():
+    """docs/engines/verl.md's overrides for the pull thermostat compose with verl's ppo_trainer.yaml: verl then needs
+    its reference policy (need_reference_policy, what starts the reference worker) and check_verl_config passes;
+    without use_kl_loss (and use_kl_in_reward) verl would run no reference worker, and the check refuses."""
+    import os
+
+    import verl
+    from hydra import compose, initialize_config_dir
+    from verl.trainer.ppo.utils import need_reference_policy
+    from verl.utils.config import omega_conf_to_dataclass
+
+    from rlvr_entropy.verl.hooks import check_verl_config
+
+    pre = "actor_rollout_ref.actor."
+    base = [pre + "policy_loss._target_=rlvr_entropy.verl.config.EntropyPolicyLossConfig",
+            pre + "policy_loss.loss_mode=rle_thermostat", "+" + pre + "policy_loss.method_config.actuator=pull",
+            pre + "calculate_entropy=True", pre + "ppo_micro_batch_size_per_gpu=2", pre + "ppo_mini_batch_size=8"]
+    d = os.path.join(os.path.dirname(verl.__file__), "trainer", "config")
+    cases = {"doc": ([pre + "use_kl_loss=True", pre + "kl_loss_coef=0"], True),
+             "in_reward": ([pre + "use_kl_loss=False", "algorithm.use_kl_in_reward=True"], True),
+             "neither": ([pre + "use_kl_loss=False", "algorithm.use_kl_in_reward=False"], False)}
+    for name, (extra, ok) in cases.items():
+        with initialize_config_dir(config_dir=d, version_base=None):
+            cfg = compose("ppo_trainer", overrides=base + extra)
+        actor = omega_conf_to_dataclass(cfg.actor_rollout_ref.actor)
+        assert actor.policy_loss.method_config == {"actuator": "pull"}
+        assert bool(need_reference_policy(cfg)) is ok, name
+        if ok:
+            check_verl_config("thermostat", actor, cfg.actor_rollout_ref.model, cfg.algorithm)
+        else:
+            with pytest.raises(ValueError, match="use_kl_loss=True"):
+                check_verl_config("thermostat", actor, cfg.actor_rollout_ref.model, cfg.algorithm)
+        if name == "doc":
+            assert actor.kl_loss_coef == 0

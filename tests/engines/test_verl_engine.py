@@ -273,7 +273,8 @@ def test_pull_thermostat_reads_the_ref_log_prob_of_the_data_on_verls_engine(ref_
         seen = []
         for c in calls:
             (ref,), (lp,) = c["ref"], c["log_prob"]  # one row per micro-batch
-            row = next(i for i, r in enumerate(data["ref"]) if r == pytest.approx(ref, rel=0, abs=1e-6))
+            row = next((i for i, r in enumerate(data["ref"]) if r == pytest.approx(ref, rel=0, abs=1e-6)), None)
+            assert row is not None, f"rank {rank}: the method saw a reference {ref} that is no row of the data's"
             seen.append(row)
             m = c["metrics"]
             assert m["thermostat/kl"] == pytest.approx(_k3(ref, lp), rel=1e-4)

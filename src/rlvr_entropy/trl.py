@@ -23,6 +23,11 @@ docs/engines/trl.md for the user's view; in short:
   functions; the rows ``assemble`` keeps replace the first rows of the generation batch (global order), with every
   per-row field, and old / reference log-probs and vLLM's importance ratio recomputed for them. Options it cannot
   honour raise at construction (``_check_second_generation``).
+- Methods that read the reference policy (``"ref_log_prob" in method.needs``: the thermostat with
+  ``actuator="pull"``) get ``TokenBatch.ref_log_prob`` from TRL's own reference, also with ``beta=0``: GRPOTrainer
+  is made to build, prepare and run its reference as for a nonzero beta, and the user's beta (0) is kept for the loss,
+  so no fixed KL term is added (``EntropyGRPOTrainer._reference_for_method``). With ``beta != 0`` both act: TRL's
+  ``beta * KL`` and the method's own term.
 - Method metrics are accumulated per process and reduced once per optimizer step (and once per evaluation) as one
   tensor over the union of every rank's keys: no per-key collective, so ranks whose micro-batches emit different
   keys (a fully masked micro-batch) cannot hang.
@@ -229,6 +234,49 @@ def trl_forward_inputs(inputs: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+#: What GRPOTrainer sees as ``beta`` while it builds or runs the reference for a method that reads
+#: ``TokenBatch.ref_log_prob`` under the user's beta = 0 (``EntropyGRPOTrainer._reference_for_method``): TRL only tests
+#: ``beta != 0`` there; NaN, so that a use as a coefficient could not go unnoticed.
+REFERENCE_ONLY_BETA = float("nan")
+
+
+def _with_grpo_config(args: tuple, kwargs: dict[str, Any]) -> tuple[tuple, dict[str, Any], Any]:
+    """(args, kwargs, the GRPOConfig) of an EntropyGRPOTrainer call; without one, GRPOTrainer's default
+    (``GRPOConfig(f"{model_name}-GRPO")``) is built here and passed on, so that the method is resolved against the
+    config the trainer will hold."""
+    from trl import GRPOConfig
+
+    if "args" in kwargs or len(args) > 2:
+        cfg = kwargs["args"] if "args" in kwargs else args[2]
+        if cfg is not None:
+            return args, kwargs, cfg
+    model = kwargs["model"] if "model" in kwargs else (args[0] if args else None)
+    name = model if isinstance(model, str) else getattr(getattr(model, "config", None), "_name_or_path", "")
+    cfg = GRPOConfig(f"{str(name).split('/')[-1]}-GRPO")
+    if "args" in kwargs or len(args) <= 2:
+        return args, {**kwargs, "args": cfg}, cfg
+    return (*args[:2], cfg, *args[3:]), kwargs, cfg
+
+
+def _check_reference_source(args: tuple, kwargs: dict[str, Any], method: Method) -> None:
+    """Raise when GRPOTrainer could not build the reference of a method that reads ``ref_log_prob``: for a model
+    instance without PEFT it loads a fresh copy from the model's path (``config._name_or_path``), which a model built
+    from a config does not have (TRL would fail inside ``from_pretrained("")``)."""
+    from accelerate.utils import is_peft_model
+
+    model = kwargs["model"] if "model" in kwargs else (args[0] if args else None)
+    peft_config = kwargs.get("peft_config", args[10] if len(args) > 10 else None)
+    if isinstance(model, str) or peft_config is not None or is_peft_model(model):
+        return
+    if not getattr(getattr(model, "config", None), "_name_or_path", ""):
+        raise ValueError(
+            f"method {method.name!r} reads TokenBatch.ref_log_prob (the reference policy's log-probs), and GRPOTrainer "
+            "builds its reference (as for beta != 0) by loading the model's path again (model.config._name_or_path), "
+            "which this model, built from a config, does not have: save it (save_pretrained) and pass the path or the "
+            "model loaded from it, or train a PEFT adapter (peft_config: the reference is the model with its adapters "
+            "disabled)")
+
+
 def _to_jsonable(x: Any) -> Any:
     if isinstance(x, dict):
         return {k: _to_jsonable(v) for k, v in x.items()}
@@ -291,6 +339,19 @@ class EntropyGRPOTrainer(GRPOTrainer):
             None (default) disables it.
         *args, **kwargs: passed to ``trl.GRPOTrainer`` unchanged.
 
+    Reference log-probs: a method whose ``needs`` holds ``"ref_log_prob"`` (per instance: the thermostat with
+    ``actuator="pull"``) gets ``TokenBatch.ref_log_prob`` = the reference policy's log-prob of each sampled token at
+    the training temperature, computed once per generation batch, whatever ``beta``. GRPOTrainer builds, prepares and
+    runs a reference only when ``beta != 0``; with ``beta == 0`` it is shown a nonzero beta
+    (:data:`REFERENCE_ONLY_BETA`) while its ``__init__`` runs and while it generates and scores each batch
+    (``_reference_for_method``), so its own code does all of it: a frozen copy of the initial policy loaded from the
+    model's path (a model built from a config, without a path, raises at construction), or with PEFT the model with
+    its adapters disabled / the ``"ref"`` adapter; dropout disabled, LM head cast and fused as TRL does, prepared for
+    DeepSpeed / FSDP, ``sync_ref_model`` honoured (PEFT + ``sync_ref_model`` raises TRL's NotImplementedError). The
+    loss sees the user's beta = 0, so TRL's fixed ``beta * KL`` is not added: the method's own term (with its own,
+    changing coefficient) is the only pull. With ``beta != 0`` both act, TRL's fixed KL on top of the method's term.
+    Cost: the reference's parameters and one forward of it per generation batch (none for other methods).
+
     TRL's own entropy bonus (``entropy_coef``, ``use_adaptive_entropy``), ``top_entropy_quantile``, ``loss_type``
     cispo / sapo / vespo and ``importance_sampling_level="sequence"`` raise: use the methods entropy_bonus,
     adaptive_entropy, forking_tokens. ``beta`` (KL to a reference, with ``use_bias_correction_kl``),
@@ -316,7 +377,16 @@ class EntropyGRPOTrainer(GRPOTrainer):
         self._probe = EntropyChangeProbe()
         self._probe_inputs: tuple | None = None
         self._metric_sums = {"train": MetricSums(), "eval": MetricSums()}
-        super().__init__(*args, **kwargs)
+        args, kwargs, trl_args = _with_grpo_config(args, kwargs)
+        # resolved before GRPOTrainer's __init__: whether the method reads the reference decides what TRL builds
+        resolved = resolve_method(method, method_config, trl_args)
+        #: the method reads TokenBatch.ref_log_prob while GRPOConfig.beta == 0: TRL builds, prepares and runs its
+        #: reference only for beta != 0, so it is made to, without its fixed KL term (``_reference_for_method``)
+        self._ref_for_method = "ref_log_prob" in resolved.needs and trl_args.beta == 0.0
+        if self._ref_for_method:
+            _check_reference_source(args, kwargs, resolved)
+        with self._reference_for_method(trl_args):
+            super().__init__(*args, **kwargs)
         if getattr(self, "_entropy_bonus_enabled", False):
             raise ValueError("TRL's entropy_coef / use_adaptive_entropy cannot be combined with an rlvr-entropy "
                              "method; use method='entropy_bonus' or 'adaptive_entropy' instead")
@@ -326,7 +396,7 @@ class EntropyGRPOTrainer(GRPOTrainer):
         if self.importance_sampling_level != "token":
             raise ValueError(f"GRPOConfig.importance_sampling_level={self.importance_sampling_level!r}: "
                              "EntropyGRPOTrainer supports 'token' only")
-        self.method = resolve_method(method, method_config, self.args)
+        self.method = resolved
         #: methods that generate a second set of samples each step (``rollout_plan`` / ``assemble``: aepo)
         self._two_generations = callable(getattr(self.method, "rollout_plan", None))
         if self._two_generations:
@@ -355,8 +425,33 @@ class EntropyGRPOTrainer(GRPOTrainer):
         self._last_rewards_per_func = rewards_per_func
         return rewards_per_func
 
+    @contextmanager
+    def _reference_for_method(self, args: Any = None) -> Iterator[None]:
+        """Inside the block, when the method reads ``TokenBatch.ref_log_prob`` and the user's ``beta`` is 0
+        (``self._ref_for_method``), GRPOTrainer sees a nonzero beta (:data:`REFERENCE_ONLY_BETA`); the user's 0 is
+        restored on exit. TRL decides everything about the reference from that one test, ``beta != 0``: in its
+        ``__init__`` (``args`` given: ``args.beta`` and ``self.beta``) it builds the reference (a frozen copy of the
+        initial policy loaded from the model's path as for its own KL, or with PEFT the ``"ref"`` adapter / the
+        adapters disabled), disables its dropout, casts its LM head, adds its fused LM head at the training
+        temperature, prepares it for DeepSpeed / FSDP / DDP and honours ``sync_ref_model``; in
+        ``_generate_and_score_completions`` (no ``args``: ``self.beta``) it computes ``ref_per_token_logps`` once per
+        generation batch. Outside these blocks beta is the user's, so ``_compute_loss`` adds no fixed KL term."""
+        if not self._ref_for_method:
+            yield
+            return
+        if args is not None:
+            args.beta = REFERENCE_ONLY_BETA
+        self.beta = REFERENCE_ONLY_BETA
+        try:
+            yield
+        finally:  # the user's beta, 0 (only then is _ref_for_method set)
+            if args is not None:
+                args.beta = 0.0
+            self.beta = 0.0
+
     def _generate_and_score_completions(self, inputs):
-        out = super()._generate_and_score_completions(inputs)
+        with self._reference_for_method():
+            out = super()._generate_and_score_completions(inputs)
         rpf = getattr(self, "_last_rewards_per_func", None)
         if rpf is not None:
             # Scalar reward per completion (weighted sum of the reward functions), for methods that read rewards
@@ -457,7 +552,8 @@ class EntropyGRPOTrainer(GRPOTrainer):
         them; each rank keeps its positions (rank 0 holds the kept samples unless k > rows per rank), and TRL then
         shuffles each rank's rows over its micro-batches as it does every generation. Every per-row field follows
         the rows; old (and reference) log-probs of the kept samples are recomputed at the training temperature with
-        the same weights where TRL carries them (off-policy, vLLM, beta != 0)."""
+        the same weights where TRL carries them (off-policy, vLLM, beta != 0 or a method that reads
+        ``ref_log_prob``)."""
         from accelerate.utils import gather, gather_object
 
         acc = self.accelerator
@@ -624,7 +720,9 @@ class EntropyGRPOTrainer(GRPOTrainer):
                 out["importance_sampling_ratio"][:count] = ratio.to(out["importance_sampling_ratio"])
 
     def _ref_log_probs(self, ids, am, T, bs):
-        """Reference log-probs as GRPOTrainer computes them (its ref_model, or the PEFT model with adapters off)."""
+        """Reference log-probs as GRPOTrainer computes them (its ref_model, or the PEFT model with the "ref" adapter
+        or the adapters off); the same reference whether the user's beta or the method's ``ref_log_prob`` made TRL
+        build it."""
         if self.ref_model is not None:
             return self._get_per_token_logps_and_entropies(self.ref_model, ids, am, T, batch_size=bs)[0]
         from trl.trainer.utils import use_adapter
@@ -697,6 +795,8 @@ class EntropyGRPOTrainer(GRPOTrainer):
             for k in ("rewards", "group_reward", "group_reward_std", "group_size"):
                 if inp.get(k) is not None:
                     row[k] = inp[k]
+            if inp.get("ref_per_token_logps") is not None:
+                row["ref_log_prob"] = inp["ref_per_token_logps"]
             for k, v in row.items():
                 fields.setdefault(k, []).append(v)
         widths = {v.size(1) for v in fields["mask"]}

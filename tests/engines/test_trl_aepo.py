@@ -248,6 +248,42 @@ def test_old_and_reference_log_probs_of_kept_rows_are_recomputed(beta, tok, tmp_
             assert "ref_per_token_logps" not in new
 
 
+def test_kept_rows_get_reference_log_probs_for_a_method_that_reads_them_with_beta_zero(tok, tmp_path, model_dir):
+    """beta=0 and a method that reads ``ref_log_prob`` (aepo with it added to its needs): TRL's reference is built and
+    run for it (test_trl_reference.py), and the kept rows' reference log-probs are recomputed with it at the training
+    temperature, the main rows keep theirs; no fixed KL term is added (the trainer's beta stays 0)."""
+    from rlvr_entropy.trl import resolve_method
+
+    def recompute(t, out):
+        return {"ref": _log_probs(t.ref_model, out, list(range(out["completion_ids"].size(0))), TRAIN_T)}
+
+    args = _args(tmp_path, max_steps=4, beta=0.0)
+    method = resolve_method("aepo", AEPO, args)
+    method.needs = (*method.needs, "ref_log_prob")
+    t = EntropyGRPOTrainer(model=Qwen2ForCausalLM.from_pretrained(model_dir), reward_funcs=digit_reward, args=args,
+                           train_dataset=make_dataset(), processing_class=tok, method=method)
+    assert t.ref_model is not None and t.beta == 0.0
+    seen = []
+    compute = t.method.compute_loss
+    t.method.compute_loss = lambda batch, **kw: seen.append(batch.ref_log_prob is not None) or compute(batch, **kw)
+    spy = Spy(t, recompute)
+    t.train()
+    assert len(spy.batches) == 4 and seen and all(seen)  # one generation batch per optimizer step
+    fresh = Qwen2ForCausalLM.from_pretrained(model_dir)
+    for (main, new), (_, _, upd), got in zip(spy.batches, spy.updates, spy.computed):
+        k, m = upd.k, new["completion_mask"].bool()
+        assert k > 0
+        ref = new["ref_per_token_logps"]
+        assert not torch.isnan(ref).any()
+        torch.testing.assert_close(ref[:k] * m[:k], got["ref"][:k], atol=1e-5, rtol=1e-5)
+        with torch.no_grad():  # the initial weights: the reference is frozen
+            torch.testing.assert_close(ref[:k] * m[:k], _log_probs(fresh, new, list(range(k)), TRAIN_T), atol=1e-5,
+                                       rtol=1e-5)
+        Lc = main["completion_ids"].size(1)
+        torch.testing.assert_close(ref[k:, :Lc], main["ref_per_token_logps"][k:])
+    assert t.beta == 0.0 and not any("kl" in h for h in t.state.log_history)
+
+
 class FakeVLLM:
     """Stands in for TRL's VLLMGeneration (vLLM is not installed here): samples with the trainer's model at
     ``self.temperature``, read at every call as VLLMGeneration reads it, and returns each sampled token's log-prob at

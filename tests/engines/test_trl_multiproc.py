@@ -17,11 +17,14 @@ pytest.importorskip("trl")
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(os.path.dirname(HERE))
-METHODS = ("siren", "thermostat", "adaptive_entropy", "steer", "forking_tokens", "entrocraft", "aepo")
-CONTROLLED = {"siren", "thermostat", "adaptive_entropy", "entrocraft"}
+METHODS = ("siren", "thermostat", "adaptive_entropy", "steer", "forking_tokens", "entrocraft", "aepo",
+           "thermostat_pull")
+#: run keys that are not the method's name (trl_multiproc.py: the thermostat with actuator="pull", beta=0)
+METHOD_OF = {"thermostat_pull": "thermostat"}
+CONTROLLED = {"siren", "thermostat", "adaptive_entropy", "entrocraft", "thermostat_pull"}
 #: where each controlled method keeps the entropy it measured over the step
 MEASURED = {"thermostat": ("pi", "last_entropy"), "adaptive_entropy": ("coef", "last_entropy"),
-            "entrocraft": ("band", "entropy")}
+            "entrocraft": ("band", "entropy"), "thermostat_pull": ("pi", "last_entropy")}
 MASK_RANK = 1
 TIMEOUT_S = 400  # a hang (e.g. ranks issuing different collectives) fails here instead of blocking the suite
 
@@ -104,7 +107,7 @@ def test_checkpoint_resume_on_every_rank(runs, name):
         assert r["resumed_begin"] == r0["final"]
     assert r0["resumed_final"] == r1["resumed_final"]
     saved = json.load(open(os.path.join(r0["checkpoint"], "rlvr_entropy_state.json")))
-    assert saved["method"] == name and saved["state"] == r0["final"]
+    assert saved["method"] == METHOD_OF.get(name, name) and saved["state"] == r0["final"]
 
 
 def test_aepo_second_generation_is_one_plan_and_one_update_batch_over_both_ranks(runs):
@@ -138,6 +141,22 @@ def test_aepo_second_generation_is_one_plan_and_one_update_batch_over_both_ranks
         e >= 8 for e in a0["updates"][0]["extra_rows"][:n])  # rank 0 placed samples rank 1 generated
 
 
+def test_pull_thermostat_reads_the_reference_on_both_ranks(runs):
+    """The thermostat with actuator="pull" and beta=0: TRL's reference is built on both ranks, every training
+    micro-batch hands the method ref_log_prob, beta stays 0, and the pull acts (u > 0) with the same coefficient
+    on both ranks (one controller state); its state is identical on both ranks at every step (the tests above)."""
+    r0, r1 = runs["thermostat_pull"]
+    for r in (r0, r1):
+        assert r["has_ref_model"] and r["beta"] == 0.0
+        assert len(r["ref_seen"]) == 6 and all(r["ref_seen"])  # 3 steps x 2 micro-batches
+    assert [s["pi"]["u"] for s in r0["steps"]] == [s["pi"]["u"] for s in r1["steps"]]
+    assert r0["steps"][0]["pi"]["u"] > 0  # the first step's update: the floor is far above the entropy
+    coef = r0["logged"]["thermostat/pull_coef"]
+    assert coef[0] == 0.0 and all(c > 0 for c in coef[1:])  # logged: reduced over both ranks
+    assert all(k > 0 for k in r0["logged"]["thermostat/kl"][1:])
+    assert not r0["trl_kl_logged"] and not r1["trl_kl_logged"]  # no fixed-KL term (TRL's "kl" metric)
+
+
 def test_masked_micro_batch_on_one_rank_does_not_hang_and_keys_union(runs):
     """Rank 1's fully masked step emitted a metric key rank 0 never emitted: the run finished (fixture) and rank 0's
     logs hold the key, reduced over both ranks."""
@@ -145,7 +164,7 @@ def test_masked_micro_batch_on_one_rank_does_not_hang_and_keys_union(runs):
         r0, r1 = runs[name]
         assert r0["masked_micro_batches"] == 0 and r1["masked_micro_batches"] == 2
         assert r0["logged"]["probe/only_on_masked_rank"] == [1.0]
-        assert any(k.startswith(f"eval_{name}/") for k in r0["logged"])
+        assert any(k.startswith(f"eval_{METHOD_OF.get(name, name)}/") for k in r0["logged"])
 
 
 def test_resume_two_process_checkpoint_on_one_process(runs, tmp_path):

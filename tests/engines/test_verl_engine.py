@@ -17,6 +17,12 @@ adaptive_entropy, steer (scope="global"), forking_tokens and entrocraft, each ra
 * the thermostat's reach reads each response's group mean reward over both ranks (``group_reward`` from ``uid``);
 * ``use_fused_kernels=True``: SIREN and the thermostat read the distribution from the tiled LM head on the recorded
   hidden state and the gathered FSDP2 weight (no logits anywhere).
+
+Phase "ref" (its own 2-rank run, fixture ``ref_runs``): the thermostat with ``actuator="pull"`` (reads
+``ref_log_prob``) with verl's reference enabled as docs/engines/verl.md says (``use_kl_loss=True``,
+``kl_loss_coef=0``) trains on the ``ref_log_prob`` of the data each rank passed: the rows it sees are the data's, its
+logged k3 at the first step is the one computed from the data (per micro-batch, and as verl reports it: the mean over
+both ranks' micro-batches), its controller state is one over both ranks, and its pull acts.
 """
 from __future__ import annotations
 
@@ -240,3 +246,50 @@ def test_dynamic_batch_size_gives_the_same_anchor(runs):
         assert dyn == pytest.approx(fixed, rel=2e-2, abs=0)
         calls = [c["step"] for c in _losses(train[rank]["siren_dynamic"]["record"])]
         assert calls == [0, 1, 2, 3]  # really another split: one micro-batch per step instead of two
+
+
+# ---------------------------------------------------------------------------- phase "ref": the pull thermostat
+def _k3(ref, lp):
+    return sum(math.exp(r - x) - (r - x) - 1 for r, x in zip(ref, lp)) / len(ref)
+
+
+@pytest.fixture(scope="module")
+def ref_runs(tmp_path_factory):
+    return _torchrun(2, "ref", tmp_path_factory.mktemp("verl_engine_ref"), timeout=300)
+
+
+def test_pull_thermostat_reads_the_ref_log_prob_of_the_data_on_verls_engine(ref_runs):
+    runs = ref_runs
+    for rank in (0, 1):
+        assert runs[rank]["rlvr_entropy_file"].startswith(str(ROOT / "src"))  # this checkout's package on the ranks
+    a, b = (runs[r]["thermostat_pull"] for r in (0, 1))
+    assert a["after_update"] == b["after_update"] and a["after_update"]["step"] == 4  # one state, both ranks
+    first_step_kl = []
+    for rank in (0, 1):
+        data = runs[rank]["data"]
+        assert data["ref"] != runs[1 - rank]["data"]["ref"]  # each rank its own reference
+        calls = _losses(runs[rank]["thermostat_pull"]["record"])
+        assert len(calls) == 8
+        seen = []
+        for c in calls:
+            (ref,), (lp,) = c["ref"], c["log_prob"]  # one row per micro-batch
+            row = next((i for i, r in enumerate(data["ref"]) if r == pytest.approx(ref, rel=0, abs=1e-6)), None)
+            assert row is not None, f"rank {rank}: the method saw a reference {ref} that is no row of the data's"
+            seen.append(row)
+            m = c["metrics"]
+            assert m["thermostat/kl"] == pytest.approx(_k3(ref, lp), rel=1e-4)
+            if c["step"] == 0:  # the initial weights: the current log-probs are the data's old ones
+                assert lp == pytest.approx(data["old"][row], abs=1e-4)
+                k3 = _k3(data["ref"][row], data["old"][row])
+                assert k3 > 1e-3 and m["thermostat/kl"] == pytest.approx(k3, rel=1e-3)
+                first_step_kl.append(k3)
+            assert m["thermostat/pull_coef"] == (0.0 if c["step"] == 0 else 0.5)  # u = 1 from the second step
+        assert sorted(seen) == [0, 0, 1, 1, 2, 2, 3, 3]  # every row of this rank's data, once per epoch
+        ends = _ends(runs[rank]["thermostat_pull"]["record"])
+        other = _ends(runs[1 - rank]["thermostat_pull"]["record"])
+        for e, o in zip(ends, other):  # the controlled entropy: pooled over both ranks
+            assert list(e["reduced"].values()) == [x + y for x, y in zip(e["local"], o["local"])]
+    # what verl reports for the first optimizer step: the mean over both ranks' micro-batches
+    logged = a["metrics"]["actor/thermostat/kl"][0]
+    assert logged == pytest.approx(sum(first_step_kl) / len(first_step_kl), rel=1e-3)
+    assert a["metrics"]["actor/thermostat/pull_coef"] == [0.0, 0.5, 0.5, 0.5]

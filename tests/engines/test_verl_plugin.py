@@ -662,3 +662,130 @@ def test_aepo_is_refused_instead_of_running_as_grpo():
     with pytest.raises(Exception, match="would silently be GRPO"):
         _actor_config(loss_mode="rle_aepo")
     assert validate_method_config("entrocraft", {"total_steps": 5}) == {"total_steps": 5}
+
+
+# ------------------------------------------------------------------------------ reference log-probs
+PULL = {"actuator": "pull", "reach_tol": None}  # the thermostat's pull toward the reference (reads ref_log_prob)
+
+
+def test_config_check_refuses_a_method_that_reads_the_reference_without_verls_reference_worker():
+    """verl runs its reference worker only with actor.use_kl_loss or algorithm.use_kl_in_reward: a method that reads
+    ref_log_prob is refused without either, with the options named; the damping thermostat does not care."""
+    from rlvr_entropy.verl.hooks import check_verl_config
+
+    cfg = _actor_config(loss_mode="rle_thermostat", method_config=PULL)
+    assert not cfg.use_kl_loss
+    with pytest.raises(ValueError, match=r"ref_log_prob.*use_kl_loss=True or algorithm.use_kl_in_reward=True.*"
+                                         r"use_kl_loss=True with actor_rollout_ref.actor.kl_loss_coef=0"):
+        check_verl_config("thermostat", cfg, {})
+    check_verl_config("thermostat", cfg, {}, {"use_kl_in_reward": True})
+    with pytest.raises(ValueError, match="use_kl_in_reward"):
+        check_verl_config("thermostat", cfg, {}, {"use_kl_in_reward": False})
+    object.__setattr__(cfg, "use_kl_loss", True)
+    object.__setattr__(cfg, "kl_loss_coef", 0.0)
+    check_verl_config("thermostat", cfg, {})
+    check_verl_config("thermostat", _actor_config(loss_mode="rle_thermostat"), {})  # damp: no reference needed
+    # the pull reads the current entropy (not the distribution): calculate_entropy is required (instance-level needs)
+    object.__setattr__(cfg, "calculate_entropy", False)
+    with pytest.raises(ValueError, match="calculate_entropy=True"):
+        check_verl_config("thermostat", cfg, {})
+
+
+def _with_reference(data, seed=11):
+    """``data`` with a ``ref_log_prob`` (nested, response positions, as verl's trainers store it) away from the
+    policy: every k3 term nonzero."""
+    g = torch.Generator().manual_seed(seed)
+    refs = [o - 0.3 + 0.2 * torch.randn(len(o), generator=g) for o in data["old_log_probs"].unbind()]
+    data["ref_log_prob"] = torch.nested.as_nested_tensor(refs, layout=torch.jagged)
+    return data
+
+
+def test_the_method_reads_the_batchs_ref_log_prob_and_verls_kl_loss_adds_on_top():
+    """entropy_ppo_loss hands the method the batch's ref_log_prob: the thermostat's logged k3 is the mean computed from
+    the data, and its pull (u forced to 1) adds pull_coef x k3 to the loss; verl's KL loss (use_kl_loss) adds
+    nothing with kl_loss_coef=0 and kl_loss_coef x its KL with a nonzero one (both act)."""
+    from verl.workers.utils.padding import no_padding_2_padding
+
+    from rlvr_entropy.methods.thermostat import pull_term
+    from rlvr_entropy.verl.loss import entropy_ppo_loss
+    from rlvr_entropy.verl.state import EngineState
+
+    _, data, out = _tiny_batch(seed=7)
+    data = _with_reference(data)
+    pd = data.select("ref_log_prob", "response_mask").to_padded_tensor()
+    mask = pd["response_mask"].bool()
+    lp = no_padding_2_padding(out["log_probs"], data).detach()
+    k3 = pull_term(lp, pd["ref_log_prob"], mask)
+    expect = float(k3[mask].mean())
+    assert expect > 1e-2
+    cfg = _actor_config(loss_mode="rle_thermostat", method_config=PULL)
+    object.__setattr__(cfg, "use_kl_loss", True)
+    losses = {}
+    for u, coef in ((0.0, 0.0), (1.0, 0.0), (1.0, 0.1)):
+        object.__setattr__(cfg, "kl_loss_coef", coef)
+        st = EngineState()
+        st.method("thermostat", cfg).pi.u = u
+        loss, metrics = _loss(entropy_ppo_loss, cfg, out, data, state=st)
+        assert float(metrics["actor/thermostat/kl"].values[0]) == pytest.approx(expect, rel=1e-5)
+        losses[u, coef] = (loss.detach(), metrics)
+    pull = 0.5 * expect  # pull_coef (default 0.5) x token-mean k3: the micro-batch is the whole batch here
+    assert float(losses[1.0, 0.0][0] - losses[0.0, 0.0][0]) == pytest.approx(pull, rel=1e-4)
+    kl_loss = losses[1.0, 0.1][1]["kl_loss"].values[0]
+    assert float(kl_loss) > 1e-3
+    assert float(losses[1.0, 0.1][0] - losses[1.0, 0.0][0]) == pytest.approx(0.1 * float(kl_loss), rel=1e-4)
+
+
+def test_a_micro_batch_without_ref_log_prob_is_refused_naming_the_field_and_the_option():
+    from verl.trainer.ppo.core_algos import get_policy_loss_fn
+
+    from rlvr_entropy.verl.hooks import step_context
+    from rlvr_entropy.verl.loss import entropy_ppo_loss
+    from rlvr_entropy.verl.state import EngineState
+
+    _, data, out = _tiny_batch(seed=7)
+    cfg = _actor_config(loss_mode="rle_thermostat", method_config=PULL)
+    with pytest.raises(ValueError, match=r"no 'ref_log_prob'.*actor_rollout_ref.actor.use_kl_loss=True"):
+        _loss(entropy_ppo_loss, cfg, out, data)
+    # verl's own ppo_loss hands a registered loss no reference: the same refusal, pointing at the entropy-aware loss
+    lp = torch.zeros(2, 3)
+    args = (lp, lp, torch.ones(2, 3), torch.ones(2, 3, dtype=bool), "token-mean", cfg, None)
+    with step_context(EngineState(), observe=True), pytest.raises(
+            ValueError, match=r"ref_log_prob.*RLVR_ENTROPY_VERL_LOSS=1.*use_kl_loss=True"):
+        get_policy_loss_fn("rle_thermostat")(*args)
+    _loss(entropy_ppo_loss, cfg, out, _with_reference(data))  # with the field: no error
+
+
+def test_the_docs_reference_settings_compose_with_verls_config_and_pass_the_check():
+    """docs/engines/verl.md's overrides for the pull thermostat compose with verl's ppo_trainer.yaml: verl then needs
+    its reference policy (need_reference_policy, what starts the reference worker) and check_verl_config passes;
+    without use_kl_loss (and use_kl_in_reward) verl would run no reference worker, and the check refuses."""
+    import os
+
+    import verl
+    from hydra import compose, initialize_config_dir
+    from verl.trainer.ppo.utils import need_reference_policy
+    from verl.utils.config import omega_conf_to_dataclass
+
+    from rlvr_entropy.verl.hooks import check_verl_config
+
+    pre = "actor_rollout_ref.actor."
+    base = [pre + "policy_loss._target_=rlvr_entropy.verl.config.EntropyPolicyLossConfig",
+            pre + "policy_loss.loss_mode=rle_thermostat", "+" + pre + "policy_loss.method_config.actuator=pull",
+            pre + "calculate_entropy=True", pre + "ppo_micro_batch_size_per_gpu=2", pre + "ppo_mini_batch_size=8"]
+    d = os.path.join(os.path.dirname(verl.__file__), "trainer", "config")
+    cases = {"doc": ([pre + "use_kl_loss=True", pre + "kl_loss_coef=0"], True),
+             "in_reward": ([pre + "use_kl_loss=False", "algorithm.use_kl_in_reward=True"], True),
+             "neither": ([pre + "use_kl_loss=False", "algorithm.use_kl_in_reward=False"], False)}
+    for name, (extra, ok) in cases.items():
+        with initialize_config_dir(config_dir=d, version_base=None):
+            cfg = compose("ppo_trainer", overrides=base + extra)
+        actor = omega_conf_to_dataclass(cfg.actor_rollout_ref.actor)
+        assert actor.policy_loss.method_config == {"actuator": "pull"}
+        assert bool(need_reference_policy(cfg)) is ok, name
+        if ok:
+            check_verl_config("thermostat", actor, cfg.actor_rollout_ref.model, cfg.algorithm)
+        else:
+            with pytest.raises(ValueError, match="use_kl_loss=True"):
+                check_verl_config("thermostat", actor, cfg.actor_rollout_ref.model, cfg.algorithm)
+        if name == "doc":
+            assert actor.kl_loss_coef == 0

@@ -49,7 +49,12 @@ METHODS = {
     # rank); with three correct answers in every group of 4 (pattern_reward) 12 qualify, so k = 12 at the first step
     # (H_prev = 0: rows 0..7 of rank 0 and 0..3 of rank 1) and 12 // 2 = 6 after it (H_prev ~ 3 > 0.5)
     "aepo": {"resample_divisor": 1},
+    # the thermostat with actuator="pull" reads the reference's log-probs with beta=0 (TRL's reference, built for it);
+    # a floor far above the tiny model's entropy makes u > 0 from the second step, so the pull acts
+    "thermostat_pull": {"actuator": "pull", "target": 10.0},
 }
+#: run keys that are not the method's name
+METHOD_OF = {"thermostat_pull": "thermostat"}
 #: reward functions other than digit_reward
 REWARDS = {"aepo": "pattern"}
 #: per-micro-batch statistics a global scope makes identical across ranks
@@ -178,7 +183,7 @@ class Recorder(TrainerCallback):
 def _attach_shadow(trainer, name, cfg, record):
     """Spy on the trainer's method: feed the same training batches to a LocalCollective copy."""
     method = trainer.method
-    shadow = rlvr_entropy.make_method(name, **cfg)
+    shadow = rlvr_entropy.make_method(METHOD_OF.get(name, name), **cfg)
     shadow.config = method.config  # same PG settings as the trainer mapped
     shadow_end = shadow.end_step
 
@@ -193,6 +198,7 @@ def _attach_shadow(trainer, name, cfg, record):
     def spy(batch, *, step=None, observe=True):
         out = inner(batch, step=step, observe=observe)
         if observe:
+            record["ref_seen"].append(batch.ref_log_prob is not None)
             with torch.no_grad():
                 s_out = shadow.compute_loss(_detached(batch), step=step, observe=True)
             if name in SHARED:
@@ -207,9 +213,23 @@ def _attach_shadow(trainer, name, cfg, record):
     return shadow
 
 
+def _model(name, tok, seed, out_dir, rank):
+    """The tiny model; for a method that reads the reference, loaded from a folder (TRL loads its reference from the
+    model's path), one per rank and seed (the same weights on every rank)."""
+    model = make_model(tok, seed=seed)
+    if "ref_log_prob" not in rlvr_entropy.make_method(METHOD_OF.get(name, name), **METHODS[name]).needs:
+        return model
+    from transformers import Qwen2ForCausalLM
+
+    d = os.path.join(out_dir, f"model.seed{seed}.rank{rank}")
+    model.save_pretrained(d)
+    return Qwen2ForCausalLM.from_pretrained(d)
+
+
 def run(name, cfg, out_dir, mask_rank):
     tok = make_tokenizer()
     rank = int(os.environ.get("RANK", "0"))
+    method = METHOD_OF.get(name, name)
     odir = os.path.join(out_dir, name)
     common = dict(output_dir=odir, use_cpu=True, per_device_train_batch_size=4, gradient_accumulation_steps=2,
                   num_generations=4, max_completion_length=6, learning_rate=1e-2, logging_steps=1, report_to=[],
@@ -219,9 +239,11 @@ def run(name, cfg, out_dir, mask_rank):
                       eval_on_start=True, **common)
     MaskingTrainer.mask_rank = mask_rank
     reward = pattern_reward if REWARDS.get(name) == "pattern" else digit_reward
-    t = MaskingTrainer(model=make_model(tok), reward_funcs=reward, args=args, train_dataset=make_dataset(8),
-                       eval_dataset=make_dataset(2), processing_class=tok, method=name, method_config=dict(cfg))
-    record = {"local_sums": [], "shared": [], "shadow_shared": [], "masked_micro_batches": 0}
+    t = MaskingTrainer(model=_model(name, tok, 0, out_dir, rank), reward_funcs=reward, args=args,
+                       train_dataset=make_dataset(8), eval_dataset=make_dataset(2), processing_class=tok, method=method,
+                       method_config=dict(cfg))
+    record = {"local_sums": [], "shared": [], "shadow_shared": [], "masked_micro_batches": 0, "ref_seen": [],
+              "has_ref_model": t.ref_model is not None, "beta": t.beta}
     shadow = _attach_shadow(t, name, cfg, record)
     if name == "aepo":
         _attach_aepo(t, record)
@@ -232,20 +254,21 @@ def run(name, cfg, out_dir, mask_rank):
     logged = {}
     for h in t.state.log_history:
         for k, v in h.items():
-            if k.startswith(f"{name}/") or k.startswith(f"eval_{name}/") or k.startswith("probe/"):
+            if k.startswith(f"{method}/") or k.startswith(f"eval_{method}/") or k.startswith("probe/"):
                 logged.setdefault(k, []).append(v)
     ckpt = os.path.join(odir, "checkpoint-3")
     # resume from the checkpoint with a fresh model and method
     args2 = GRPOConfig(max_steps=4, save_strategy="no", **common)
     MaskingTrainer.mask_rank = None
-    t2 = MaskingTrainer(model=make_model(tok, seed=7), reward_funcs=reward, args=args2,
-                        train_dataset=make_dataset(8), processing_class=tok, method=name, method_config=dict(cfg))
+    t2 = MaskingTrainer(model=_model(name, tok, 7, out_dir, rank), reward_funcs=reward, args=args2,
+                        train_dataset=make_dataset(8), processing_class=tok, method=method, method_config=dict(cfg))
     rec2 = Recorder(t2)
     t2.add_callback(rec2)
     t2.train(resume_from_checkpoint=ckpt)
-    result = {"method": name, "rank": rank, "world_size": t.accelerator.num_processes,
+    result = {"method": method, "rank": rank, "world_size": t.accelerator.num_processes,
               "begin": rec.begin, "steps": rec.steps, "evals": rec.evals, "final": _state(t.method),
               "local_final": _state(shadow), "checkpoint": ckpt, "logged": logged,
+              "trl_kl_logged": any("kl" in h for h in t.state.log_history),
               "resumed_begin": rec2.begin, "resumed_steps": rec2.steps, "resumed_final": _state(t2.method),
               **record}
     with open(os.path.join(out_dir, f"{name}.rank{rank}.json"), "w") as f:

@@ -160,7 +160,15 @@ EPOCHS = 2      # ppo_epochs: 2 x 2 = 4 optimizer steps per update_actor
 _BASE = {}
 
 
-def compose(model_dir: str, loss_mode: str, method_config: dict, *, dynamic: bool, load_contents=None):
+#: phase "ref": the thermostat with actuator="pull" (reads ref_log_prob; default reach-gated floor, H0 = 10 nats far
+#: above the model's entropy so that u > 0 from the second step) with verl's reference enabled the way
+#: docs/engines/verl.md says (use_kl_loss=True, kl_loss_coef=0: the method's pull alone)
+REF_METHOD = ("rle_thermostat", {"actuator": "pull", "target": 10.0})
+REF_ACTOR = {"use_kl_loss": True, "kl_loss_coef": 0.0, "optim.lr": 1e-3}
+
+
+def compose(model_dir: str, loss_mode: str, method_config: dict, *, dynamic: bool, load_contents=None,
+            actor: dict | None = None):
     """verl's ppo_trainer.yaml composed by hydra with these overrides (composed once, then edited per worker)."""
     import verl
     from hydra import compose as hydra_compose
@@ -192,6 +200,8 @@ def compose(model_dir: str, loss_mode: str, method_config: dict, *, dynamic: boo
     OmegaConf.update(cfg, "actor_rollout_ref.rollout.log_prob_use_dynamic_bsz", dynamic)
     if load_contents is not None:
         OmegaConf.update(cfg, a + "checkpoint.load_contents", list(load_contents))
+    for k, v in (actor or {}).items():
+        OmegaConf.update(cfg, a + k, v)
     return cfg
 
 
@@ -200,11 +210,11 @@ def tick(what: str) -> None:
         print(f"[rank{RANK}] {time.time() - T0:7.2f}s {what} (at {time.time():.1f})", file=sys.stderr, flush=True)
 
 
-def build_worker(model_dir: str, name: str, *, dynamic: bool = False, load_contents=None):
+def build_worker(model_dir: str, name: str, *, dynamic: bool = False, load_contents=None, spec=None, actor=None):
     from verl.workers.engine_workers import ActorRolloutRefWorker
 
-    loss_mode, mc = METHODS[name]
-    cfg = compose(model_dir, loss_mode, mc, dynamic=dynamic, load_contents=load_contents)
+    loss_mode, mc = METHODS[name] if spec is None else spec
+    cfg = compose(model_dir, loss_mode, mc, dynamic=dynamic, load_contents=load_contents, actor=actor)
     w = ActorRolloutRefWorker(cfg.actor_rollout_ref, role="actor")
     tick(f"composed {name}")
     w.init_model()
@@ -313,6 +323,9 @@ def instrument() -> None:
                 rec["old_entropy_given"] = batch.old_entropy is not None
             if batch.group_reward is not None:
                 rec["group_reward"] = [float(x) for x in batch.group_reward]
+            if batch.ref_log_prob is not None:  # per row, its valid positions (phase "ref")
+                rec["ref"] = [[float(x) for x in r[m]] for r, m in zip(batch.ref_log_prob.detach(), batch.mask)]
+                rec["log_prob"] = [[float(x) for x in r[m]] for r, m in zip(batch.log_prob.detach(), batch.mask)]
             if self.name == "forking_tokens":
                 h = batch.current_entropy(self.name).detach()
                 rec["local_threshold"] = _f(forking_tokens.entropy_threshold(h, batch.mask, self.config.quantile))
@@ -395,6 +408,48 @@ def phase_train(work: str, out: dict) -> None:
     out["siren_dynamic"] = {"after_update": engine_state(w), "record": list(RECORD)}
 
 
+def with_reference(td, rank: int):
+    """``ref_log_prob`` as verl's trainers store it (response positions, nested): here the old log-probs moved by a
+    per-token offset (seeded by rank), so that every k3 term is nonzero and a test can tell the reference from the
+    policy."""
+    g = torch.Generator().manual_seed(500 + rank)
+    refs = [o - 0.3 + 0.2 * torch.randn(len(o), generator=g) for o in td["old_log_probs"].unbind()]
+    td["ref_log_prob"] = torch.nested.as_nested_tensor(refs, layout=torch.jagged)
+    return td
+
+
+def phase_ref(work: str, out: dict) -> None:
+    """The pull thermostat reads the ref_log_prob of the data: one update (4 optimizer steps) with verl's reference
+    enabled as the docs say; every rank records its data (old and reference log-probs per row) and what the method
+    saw."""
+    import rlvr_entropy
+
+    model_dir = os.path.join(work, "model")
+    RECORD.clear()
+    w = build_worker(model_dir, "thermostat_pull", spec=REF_METHOD, actor=REF_ACTOR)
+    td = with_reference(with_old_log_probs(w, make_batch(RANK, seed=2)), RANK)
+    out["data"] = {"old": [[float(x) for x in r] for r in td["old_log_probs"].unbind()],
+                   "ref": [[float(x) for x in r] for r in td["ref_log_prob"].unbind()]}
+    metrics = update(w, td)
+    out["rlvr_entropy_file"] = rlvr_entropy.__file__
+    out["thermostat_pull"] = {"after_update": engine_state(w), "record": list(RECORD),
+                              "metrics": None if metrics is None else _plain_metrics(metrics)}
+
+
+def _plain_metrics(output) -> dict:
+    """update_actor's metrics (rank 0 holds them) as plain floats per key."""
+    from verl.utils import tensordict_utils as tu
+
+    def plain(x):
+        if hasattr(x, "values") and not isinstance(x, dict):
+            x = x.values
+        if isinstance(x, (list, tuple)):
+            return [plain(y) for y in x]
+        return _f(x) if isinstance(x, (int, float, torch.Tensor)) else repr(x)
+
+    return {k: plain(v) for k, v in tu.get(output, "metrics").items()}
+
+
 def phase_resume(work: str, out: dict) -> None:
     """One rank resumes the controller state of each 2-rank checkpoint (verl's own FSDP shards are per world size,
     so the model is not loaded: checkpoint.load_contents=[]) and trains on. One engine serves every method: a
@@ -418,7 +473,7 @@ def phase_resume(work: str, out: dict) -> None:
 
 def main() -> int:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--phase", choices=["train", "resume"], required=True)
+    ap.add_argument("--phase", choices=["train", "resume", "ref"], required=True)
     ap.add_argument("--work", required=True)
     ap.add_argument("--methods", default=",".join(METHODS), help="comma-separated subset of METHODS")
     args = ap.parse_args()
@@ -436,7 +491,7 @@ def main() -> int:
     instrument()
     t0 = time.time()
     out: dict = {"rank": RANK, "world_size": torch.distributed.get_world_size()}
-    (phase_train if args.phase == "train" else phase_resume)(args.work, out)
+    {"train": phase_train, "resume": phase_resume, "ref": phase_ref}[args.phase](args.work, out)
     out["seconds"] = time.time() - t0
     with open(os.path.join(args.work, f"{args.phase}_rank{RANK}.json"), "w") as f:
         json.dump(out, f, indent=1, default=str)

@@ -59,15 +59,17 @@ def needs_logits(name: str, method_config: dict[str, Any] | None = None) -> bool
     return "logits" in get_method_class(name)(**(method_config or {})).needs
 
 
-def needs_entropy(name: str) -> bool:
-    """True when the method with default config cannot run on log-probs alone (probed on a 1x2 batch)."""
-    if needs_logits(name):
+def needs_entropy(name: str, method_config: dict[str, Any] | None = None) -> bool:
+    """True when the method (default config, or ``method_config``) cannot run on log-probs (and reference log-probs)
+    alone (probed on a 1x2 batch)."""
+    if needs_logits(name, method_config):
         return False
-    m = get_method_class(name)()
+    m = get_method_class(name)(**(method_config or {}))
     if "rewards" in m.needs:
         return False
     lp = torch.tensor([[-1.0, -2.0]])
-    b = TokenBatch(log_prob=lp, old_log_prob=lp, advantages=torch.tensor([1.0]), mask=torch.ones(1, 2, dtype=bool))
+    b = TokenBatch(log_prob=lp, old_log_prob=lp, advantages=torch.tensor([1.0]), mask=torch.ones(1, 2, dtype=bool),
+                   ref_log_prob=lp)
     try:
         m.compute_loss(b)
     except ValueError as e:
@@ -482,18 +484,32 @@ def _gathered(p: torch.Tensor) -> torch.Tensor:
     return full
 
 
-def check_verl_config(name: str, actor_config: Any, model_config: Any = None) -> None:
-    """Raise ValueError when verl, configured this way, cannot deliver what method ``name`` needs."""
+def check_verl_config(name: str, actor_config: Any, model_config: Any = None, algorithm_config: Any = None) -> None:
+    """Raise ValueError when verl, configured this way, cannot deliver what method ``name`` needs (with the
+    ``policy_loss.method_config`` of ``actor_config`` when its ``policy_loss.method`` is ``name``).
+
+    ``model_config``: ``actor_rollout_ref.model``; ``algorithm_config``: verl's ``algorithm`` section, read for
+    ``use_kl_in_reward`` (pass it when that option provides the reference log-probs: without it only
+    ``actor.use_kl_loss`` counts)."""
     mc = model_config or {}
     pl = actor_config.get("policy_loss", None) or {}
-    if needs_logits(name, dict(pl.get("method_config", {}) or {}) if pl.get("method", "") == name else None):
+    mcfg = dict(pl.get("method_config", {}) or {}) if pl.get("method", "") == name else None
+    if needs_logits(name, mcfg):
         if not mc.get("use_remove_padding", True):
             raise ValueError(f"rlvr-entropy method {name!r} needs actor_rollout_ref.model.use_remove_padding=True")
         if actor_config.get("ulysses_sequence_parallel_size", 1) not in (1, None):
             raise ValueError(f"rlvr-entropy method {name!r} needs ulysses_sequence_parallel_size=1")
-    elif needs_entropy(name) and not actor_config.get("calculate_entropy", False):
+    elif needs_entropy(name, mcfg) and not actor_config.get("calculate_entropy", False):
         raise ValueError(f"rlvr-entropy method {name!r} needs the entropy: set "
                          "actor_rollout_ref.actor.calculate_entropy=True")
+    if "ref_log_prob" in get_method_class(name)(**(mcfg or {})).needs:
+        in_reward = bool((algorithm_config or {}).get("use_kl_in_reward", False))
+        if not actor_config.get("use_kl_loss", False) and not in_reward:
+            from rlvr_entropy.verl.loss import REFERENCE_OPTIONS
+
+            raise ValueError(f"rlvr-entropy method {name!r} (with this method_config) reads the reference policy's "
+                             f"log-probs (TokenBatch.ref_log_prob); {REFERENCE_OPTIONS}. Neither is set here "
+                             "(pass algorithm_config= to check_verl_config when use_kl_in_reward provides them)")
 
 
 __all__ = ["needs_logits", "needs_entropy", "check_verl_config", "install_engine_hooks", "install_worker_hooks",

@@ -24,6 +24,13 @@ statistic spans the engine's DP group (``TorchCollective(dp_group)``) and forwar
 controller state (``observe=False``). Called outside a hooked engine step (no step context and no ``state=``), the
 losses raise.
 
+Reference log-probs (``TokenBatch.ref_log_prob``, read by a method whose ``needs`` holds it: the thermostat with
+``actuator="pull"``): the batch's ``ref_log_prob``, which verl's reference worker computes only with
+``actor.use_kl_loss=True`` or ``algorithm.use_kl_in_reward=True`` (:data:`REFERENCE_OPTIONS`); a micro-batch without
+it raises, naming the field and the options. The registered path never has it (verl's ``ppo_loss`` hands a policy
+loss no reference) and raises the same way. verl's own KL loss (``use_kl_loss``, ``kl_loss_coef``) is added as verl
+adds it, on top of the method's term.
+
 Old-policy entropy (STEER's H): the first of ``old_entropy``, ``entropy`` (what verl 0.9.1's v1 trainer stores in
 the batch: the actor's entropy from the old-log-prob pass), ``old_entropys`` / ``entropys`` (the legacy trainer's
 name) found in the batch; ``model_output["entropy"]`` is always the current policy's.
@@ -115,16 +122,39 @@ def _explain(name: str, err: ValueError, has_entropy: bool, has_distribution: bo
     return err
 
 
+#: How a method gets ``TokenBatch.ref_log_prob`` under verl (the error messages and docs/engines/verl.md say it).
+REFERENCE_OPTIONS = ("verl computes the reference policy's log-probs (the batch's 'ref_log_prob', from its reference "
+                     "worker) only when actor_rollout_ref.actor.use_kl_loss=True or algorithm.use_kl_in_reward=True: "
+                     "set actor_rollout_ref.actor.use_kl_loss=True with actor_rollout_ref.actor.kl_loss_coef=0 for "
+                     "the method's own pull alone (a nonzero kl_loss_coef adds verl's fixed KL loss on top, "
+                     "use_kl_in_reward verl's KL penalty in the reward)")
+
+
+def _missing_reference(name: str, registered: bool) -> ValueError:
+    if registered:
+        return ValueError(f"{PREFIX}{name}: rlvr-entropy method {name!r} (with this method_config) reads "
+                          "TokenBatch.ref_log_prob, the reference policy's log-prob of each sampled token, which "
+                          "verl's own ppo_loss does not hand to a registered policy loss: install the entropy-aware "
+                          "loss (RLVR_ENTROPY_VERL_LOSS=1 or rlvr_entropy.verl.loss.install_loss()); "
+                          + REFERENCE_OPTIONS)
+    return ValueError(f"{PREFIX}{name}: rlvr-entropy method {name!r} (with this method_config) reads "
+                      "TokenBatch.ref_log_prob, the reference policy's log-prob of each sampled token, but this "
+                      "micro-batch carries no 'ref_log_prob'; " + REFERENCE_OPTIONS)
+
+
 def method_loss(name: str, *, old_log_prob: torch.Tensor, log_prob: torch.Tensor, advantages: torch.Tensor,
                 response_mask: torch.Tensor, config: Any, rollout_is_weights: torch.Tensor | None = None,
                 entropy: torch.Tensor | None = None, old_entropy: torch.Tensor | None = None,
                 lm_head: Any = None, rewards: torch.Tensor | None = None,
-                group_reward: torch.Tensor | None = None, state: Any = None, observe: bool | None = None,
+                group_reward: torch.Tensor | None = None, ref_log_prob: torch.Tensor | None = None,
+                state: Any = None, observe: bool | None = None, registered: bool = False,
                 ) -> tuple[torch.Tensor, dict[str, Any]]:
     """Loss [] and float metrics of method ``name`` on one padded verl micro-batch ([B, T] tensors).
 
     ``state``: the owning EngineState (default: the active step context's); ``observe``: whether controllers
-    measure this call (default: the step context's, True with an explicit state and no context)."""
+    measure this call (default: the step context's, True with an explicit state and no context). ``ref_log_prob``:
+    the batch's reference log-probs (a method that reads them raises, naming the verl options, without them);
+    ``registered``: called by verl's own ``ppo_loss`` (which hands no entropy or reference)."""
     if rollout_is_weights is not None:
         raise ValueError(f"{PREFIX}{name}: rollout correction weights (policy_loss.rollout_correction) are not "
                          "supported by rlvr-entropy methods; disable rollout correction")
@@ -135,11 +165,13 @@ def method_loss(name: str, *, old_log_prob: torch.Tensor, log_prob: torch.Tensor
         ctx = hooks.current()
         observe = ctx.observe if ctx is not None and ctx.state is owner else True
     method = owner.method(name, config)
+    if "ref_log_prob" in method.needs and ref_log_prob is None:
+        raise _missing_reference(name, registered)
     gbi = dict(getattr(config, "global_batch_info", {}) or {})
     mask = response_mask.to(torch.bool)
     batch = TokenBatch(log_prob=log_prob, old_log_prob=old_log_prob, advantages=advantages, mask=mask,
                        entropy=entropy, old_entropy=old_entropy, lm_head=lm_head, rewards=rewards,
-                       group_reward=group_reward)
+                       group_reward=group_reward, ref_log_prob=ref_log_prob)
     try:
         out = method.compute_loss(batch, step=owner.step, observe=observe)
     except ValueError as e:
@@ -180,7 +212,8 @@ def make_registered_loss(name: str):
         if loss_agg_mode != config.get("loss_agg_mode", loss_agg_mode):
             raise ValueError(f"{PREFIX}{name}: loss_agg_mode {loss_agg_mode!r} differs from the actor config's")
         return method_loss(name, old_log_prob=old_log_prob, log_prob=log_prob, advantages=advantages,
-                           response_mask=response_mask, config=config, rollout_is_weights=rollout_is_weights)
+                           response_mask=response_mask, config=config, rollout_is_weights=rollout_is_weights,
+                           registered=True)
 
     loss_fn.__name__ = loss_fn.__qualname__ = f"rlvr_entropy_{name}_policy_loss"
     loss_fn.__doc__ = f"rlvr-entropy method {name!r} as a verl policy loss (no entropy or logits)."
@@ -269,8 +302,8 @@ def entropy_ppo_loss(config: Any, model_output: dict[str, Any], data: Any, dp_gr
     pg_loss, pg_metrics = method_loss(
         name, old_log_prob=pd["old_log_probs"], log_prob=log_prob, advantages=pd["advantages"], response_mask=mask,
         config=config, rollout_is_weights=pd.get("rollout_is_weights", None), entropy=entropy,
-        old_entropy=old_entropy, rewards=rewards, lm_head=lm_head, group_reward=group_reward, state=owner,
-        observe=observe)
+        old_entropy=old_entropy, rewards=rewards, lm_head=lm_head, group_reward=group_reward,
+        ref_log_prob=pd.get("ref_log_prob", None), state=owner, observe=observe)
     metrics: dict[str, Any] = dict(Metric.from_dict(pg_metrics, aggregation=AggregationType.MEAN))
     metrics["actor/pg_loss"] = Metric(value=pg_loss, aggregation=agg)
     policy_loss = pg_loss
@@ -320,4 +353,4 @@ def install_loss() -> None:
 
 
 __all__ = ["entropy_ppo_loss", "install_loss", "make_registered_loss", "method_loss", "method_for", "pg_fields",
-           "OLD_ENTROPY_KEYS", "old_entropy_key", "VERL_OWNED"]
+           "OLD_ENTROPY_KEYS", "old_entropy_key", "VERL_OWNED", "REFERENCE_OPTIONS"]

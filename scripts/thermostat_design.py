@@ -25,24 +25,28 @@ import thermostat_evidence as ev  # noqa: E402
 VARIANTS: dict[str, tuple[dict[str, object], str]] = {
     "off": ({"kp": 0.0, "ki": 0.0, "reach_tol": "none"},
             "controller off (kp = ki = 0): plain GRPO with the same PG settings"),
-    "ramp0.7-40-floor-eff": ({"reach_tol": "none"},
-                             "fixed floor: ramp 1.0 -> 0.7 x H0 over 40 steps, one-sided, efficient allocation (the "
-                             "default before the reach-gated floor)"),
-    "reach0.03": ({"reach_tol": 0.03, "reach_gain": 0.5, "reach_min_scale": 0.3},
-                  "the floor's level moved by the training batch's reach (share of prompts with a solved sample): it "
-                  "descends while the reach holds, rises when it falls > 0.03 below its start (gain 0.5, lowest "
-                  "0.3 x H0); the default since this round"),
-    "reach0": ({"reach_tol": 0.0, "reach_gain": 0.25, "reach_min_scale": 0.3},
-               "as reach0.03 with no tolerance and gain 0.25: the floor descends only while the reach is above its "
-               "start"),
-    "pull": ({"actuator": "pull", "pull_coef": 0.5, "reach_tol": 0.03, "reach_gain": 0.5, "reach_min_scale": 0.3},
-             "as reach0.03, but below the floor the controller pulls the policy toward the reference (the warm "
-             "start) instead of damping: loss + u x 0.5 x k3(ref), whose gradient is the forward KL's"),
-    "pull-fixed": ({"actuator": "pull", "pull_coef": 0.5, "reach_tol": "none", "target": 10.0,
-                    "schedule_steps": "none"},
+    "pull": ({"pull_coef": 0.5, "reach_tol": 0.03, "reach_gain": 0.5, "reach_min_scale": 0.3},
+             "the reach-gated floor (reach0.03's); below it the controller pulls the policy toward the reference (the "
+             "warm start): loss + u x 0.5 x k3(ref), whose gradient is the forward KL's; the default since round 4"),
+    "pull-fixed": ({"pull_coef": 0.5, "reach_tol": "none", "target": 10.0, "schedule_steps": "none"},
                    "the pull at a fixed coefficient 0.5 (a floor far above any entropy keeps u = 1: no controller), "
                    "i.e. GRPO + 0.5 x k3 KL to the reference: does the closed loop matter?"),
 }
+# Variants whose option left the method: their runs stay readable in the tables (same directories), they cannot run
+# with this code. The damping actuator lost round 4 to the pull.
+RETIRED: dict[str, str] = {
+    "ramp0.7-40-floor-eff": "fixed floor: ramp 1.0 -> 0.7 x H0 over 40 steps, one-sided, damping with the efficient "
+                            "allocation (the default before the reach-gated floor)",
+    "reach0.03": "the damping thermostat with the floor's level moved by the training batch's reach (share of prompts "
+                 "with a solved sample): it descends while the reach holds, rises when it falls > 0.03 below its "
+                 "start (gain 0.5, lowest 0.3 x H0); the default before round 4",
+    "reach0": "as reach0.03 with no tolerance and gain 0.25: the floor descends only while the reach is above its "
+              "start",
+}
+
+
+def describe(name: str) -> str:
+    return VARIANTS[name][1] if name in VARIANTS else f"(retired: damping) {RETIRED[name]}"
 
 
 def _cmd(name: str, seed: int, steps: int, out: Path, dirname: str | None = None,
@@ -71,7 +75,7 @@ def run_all(names: list[str], seeds: list[int], steps: int, out: Path, jobs: int
 
 
 # the current default's settings: the paired reference of the table's difference columns (--reference)
-REFERENCE = "reach0.03"
+REFERENCE = "pull"
 
 
 def _per_seed(name: str, out: Path) -> dict[str, dict]:
@@ -129,7 +133,7 @@ def table(names: list[str], out: Path, frontier: bool = False, jobs: int = 1) ->
         if frontier:
             g = frontier_gap(n, common, out, jobs)
             cells.append("" if g is None else _paired_cell(*g))
-        lines.append(f"| {n} | {VARIANTS[n][1]} | {len(per)} | " + " | ".join(cells) + " |")
+        lines.append(f"| {n} | {describe(n)} | {len(per)} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -150,9 +154,13 @@ def main(argv=None) -> int:
     a = ap.parse_args(argv)
     REFERENCE = a.reference
     names = [n for n in a.variants.split(",") if n]
-    unknown = [n for n in names if n not in VARIANTS]
+    unknown = [n for n in names if n not in VARIANTS and n not in RETIRED]
     if unknown:
-        ap.error(f"unknown variants {unknown}; known: {list(VARIANTS)}")
+        ap.error(f"unknown variants {unknown}; known: {list(VARIANTS)} (retired, table only: {list(RETIRED)})")
+    retired = [n for n in names if n in RETIRED]
+    if retired and not a.only_report:
+        ap.error(f"variants {retired} used options that left the method: their runs can only be tabulated "
+                 "(--only-report)")
     out = Path(a.out or ("runs/design" if a.task == "countdown3" else f"runs/design-{a.task}"))
     if not a.only_report:
         rc = run_all(names, [int(s) for s in a.seeds.split(",")], a.steps, out, a.jobs,

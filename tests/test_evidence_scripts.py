@@ -106,12 +106,17 @@ def test_design_variants_and_table(tmp_path):
 
     fields = {f.name for f in dataclasses.fields(ThermostatConfig)}
     assert all(set(v[0]) <= fields for v in design.VARIANTS.values())
-    cmd = design._cmd("reach0", 10, 100, tmp_path)
-    assert "reach_tol=0.0" in cmd and "reach_gain=0.25" in cmd and "--seed" in cmd
-    _fake_runs(tmp_path, {"reach0": [0.4, 0.5]})
-    md = design.table(["reach0", "off"], tmp_path)
-    assert f"| reach0 | {design.VARIANTS['reach0'][1]} | 2 | 0.450 ± 0.050 |" in md
+    cmd = design._cmd("pull-fixed", 10, 100, tmp_path)
+    assert "reach_tol=none" in cmd and "target=10.0" in cmd and "pull_coef=0.5" in cmd and "--seed" in cmd
+    _fake_runs(tmp_path, {"pull-fixed": [0.4, 0.5]})
+    md = design.table(["pull-fixed", "off"], tmp_path)
+    assert f"| pull-fixed | {design.VARIANTS['pull-fixed'][1]} | 2 | 0.450 ± 0.050 |" in md
     assert "| off |" not in md  # no runs, no row
+    # a retired variant (its option left the method) is tabulated from its runs, never run
+    _fake_runs(tmp_path, {"reach0.03": [0.3, 0.4]})
+    assert "| reach0.03 | (retired: damping)" in design.table(["reach0.03"], tmp_path)
+    with pytest.raises(SystemExit):
+        design.main(["--variants", "reach0.03", "--out", str(tmp_path)])
 
 
 def _curve(p1s, p8s, p32s):
@@ -141,8 +146,8 @@ def test_frontier_section_matches_point_by_point(tmp_path):
 
 
 def test_design_table_paired_difference(tmp_path):
-    _fake_runs(tmp_path, {design.REFERENCE: [0.40, 0.50], "reach0": [0.45, 0.60, 0.9]})
-    md = design.table([design.REFERENCE, "reach0"], tmp_path)
+    _fake_runs(tmp_path, {design.REFERENCE: [0.40, 0.50], "pull-fixed": [0.45, 0.60, 0.9]})
+    md = design.table([design.REFERENCE, "pull-fixed"], tmp_path)
     ref_row, row = md.splitlines()[2], md.splitlines()[3]
     assert ref_row.endswith("|  |  |")
     # seeds 0 and 1 are shared: +0.05 and +0.10 -> +0.075 ± 0.025; pass@8 is 0.7 everywhere
@@ -163,21 +168,21 @@ def test_frontier_verdicts_count_each_temperature():
 
 
 def test_design_frontier_gap_is_paired_by_seed(tmp_path, monkeypatch):
-    _fake_runs(tmp_path, {design.REFERENCE: [0.40, 0.50], "reach0": [0.45, 0.60, 0.9]})
+    _fake_runs(tmp_path, {design.REFERENCE: [0.40, 0.50], "pull-fixed": [0.45, 0.60, 0.9]})
     curves = {  # per (variant, seed): the default's T = 1 point, the variant's frontier through it
         (design.REFERENCE, "seed0"): _curve([0.40, 0.44, 0.48, 0.52], [0.70, 0.69, 0.68, 0.67], [0.8] * 4),
         (design.REFERENCE, "seed1"): _curve([0.50, 0.52, 0.54, 0.56], [0.60, 0.59, 0.58, 0.57], [0.8] * 4),
-        ("reach0", "seed0"): _curve([0.36, 0.40, 0.44, 0.48], [0.75, 0.74, 0.73, 0.72], [0.8] * 4),
-        ("reach0", "seed1"): _curve([0.46, 0.48, 0.50, 0.52], [0.70, 0.66, 0.62, 0.58], [0.8] * 4),
+        ("pull-fixed", "seed0"): _curve([0.36, 0.40, 0.44, 0.48], [0.75, 0.74, 0.73, 0.72], [0.8] * 4),
+        ("pull-fixed", "seed1"): _curve([0.46, 0.48, 0.50, 0.52], [0.70, 0.66, 0.62, 0.58], [0.8] * 4),
     }
     monkeypatch.setattr(ev, "sweep_frontiers_dirs",
                         lambda dirs, jobs: [curves[(Path(d).parent.name, Path(d).name)] for d in dirs])
     # seed0: at pass@1 0.40 the variant has 0.74 vs 0.70 -> +0.04; seed1: at 0.50 it has 0.62 vs 0.60 -> +0.02
-    m, se, n = design.frontier_gap("reach0", ["seed0", "seed1"], tmp_path)
+    m, se, n = design.frontier_gap("pull-fixed", ["seed0", "seed1"], tmp_path)
     assert (m, se, n) == (pytest.approx(0.03), pytest.approx(0.01), 2)
     assert design.frontier_gap(design.REFERENCE, ["seed0", "seed1"], tmp_path) is None
-    assert design.frontier_gap("reach0", [], tmp_path) is None
-    md = design.table([design.REFERENCE, "reach0"], tmp_path, frontier=True)
+    assert design.frontier_gap("pull-fixed", [], tmp_path) is None
+    md = design.table([design.REFERENCE, "pull-fixed"], tmp_path, frontier=True)
     assert md.splitlines()[3].endswith("| +0.030 ± 0.010 (2) |")
 
 

@@ -1,6 +1,6 @@
-"""Benchmark: one loss + backward of siren, entropy_bonus (AEnt's clamped entropy) and lp_reg fed by the tiled LM-head source
-(rlvr_entropy.kernels) against TRL 1.16's own GRPO path (trl/kernels/chunked_logprob.py: ChunkedLogProbFunction,
-log-probs + entropy from a tiled, recomputed LM head, then the grpo loss).
+"""Benchmark: one loss + backward of siren, entropy_bonus (AEnt's clamped entropy) and lp_reg fed by the tiled
+LM-head source (rlvr_entropy.kernels) against TRL 1.16's own GRPO path (trl/kernels/chunked_logprob.py:
+ChunkedLogProbFunction, log-probs + entropy from a tiled, recomputed LM head, then the grpo loss).
 
     python benchmarks/bench_lm_head_trl.py [--sizes 2048,8192,16384] [--methods siren,entropy_bonus,lp_reg]
                                            [--rounds 2] [--hidden 64] [--json PATH] [--quick]
@@ -18,8 +18,9 @@ bench_lm_head.py) of one call from the last hidden states [B, T, H] to the gradi
 Methods: the ones that read the distribution beyond log-prob and entropy: siren with anchor_value=1.0 (the penalty
 and its top-p gradient are active), entropy_bonus with clamp_fraction=0.5 (AEnt's clamped entropy, the example of
 docs/methods/entropy_bonus.md) and lp_reg with its defaults. (The thermostat, measured here before, reads only
-ref_log_prob and the entropy: TRL's fused route, like grpo.) Same inputs as bench_lm_head.py (V = 151,936, H = 64, float32, LLM-like logits, tokens sampled
-from the model). Targets (issue #14): memory <= 1.25x TRL's, flat in N past the tile; time <= 1.5x TRL's.
+ref_log_prob and the entropy: TRL's fused route, like grpo.) Same inputs as bench_lm_head.py (V = 151,936, H = 64,
+float32, LLM-like logits, tokens sampled from the model). Targets (issue #14): memory <= 1.25x TRL's, flat in N past
+the tile; time <= 1.5x TRL's.
 
 ``--route trainer`` measures the same through the engines instead: one ``_compute_loss`` + backward of TRL 1.16's
 own ``GRPOTrainer`` (``loss_type="grpo"``, its fused LM head: log-probs and entropy from ChunkedLogProbFunction)

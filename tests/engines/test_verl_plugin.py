@@ -388,9 +388,9 @@ def _response_logits(rmpad, data, T):
 
 
 def test_lm_head_source_equals_the_methods_on_response_logits():
-    """siren / lp_reg / entropy_bonus (AEnt's clamped entropy) through entropy_ppo_loss, fed by the tiled LM head on the recorded hidden state
-    at temperature 0.7, give the loss and the model gradients of the method on a TokenBatch of the response logits
-    / T; a grpo loss records nothing."""
+    """siren / lp_reg / entropy_bonus (AEnt's clamped entropy) through entropy_ppo_loss, fed by the tiled LM head on
+    the recorded hidden state at temperature 0.7, give the loss and the model gradients of the method on a TokenBatch
+    of the response logits / T; a grpo loss records nothing."""
     from verl.utils import tensordict_utils as tu
     from verl.workers.utils.padding import no_padding_2_padding
 

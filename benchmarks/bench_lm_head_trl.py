@@ -1,8 +1,8 @@
-"""Benchmark: one loss + backward of siren, thermostat and lp_reg fed by the tiled LM-head source
-(rlvr_entropy.kernels) against TRL 1.16's own GRPO path (trl/kernels/chunked_logprob.py: ChunkedLogProbFunction,
-log-probs + entropy from a tiled, recomputed LM head, then the grpo loss).
+"""Benchmark: one loss + backward of siren, entropy_bonus (AEnt's clamped entropy) and lp_reg fed by the tiled
+LM-head source (rlvr_entropy.kernels) against TRL 1.16's own GRPO path (trl/kernels/chunked_logprob.py:
+ChunkedLogProbFunction, log-probs + entropy from a tiled, recomputed LM head, then the grpo loss).
 
-    python benchmarks/bench_lm_head_trl.py [--sizes 2048,8192,16384] [--methods siren,thermostat,lp_reg]
+    python benchmarks/bench_lm_head_trl.py [--sizes 2048,8192,16384] [--methods siren,entropy_bonus,lp_reg]
                                            [--rounds 2] [--hidden 64] [--json PATH] [--quick]
 
 Per N (response tokens of the micro-batch, B x T with T = 1024) and implementation, in a fresh subprocess
@@ -15,9 +15,12 @@ bench_lm_head.py) of one call from the last hidden states [B, T, H] to the gradi
   m.compute_loss -> backward (one tiled pass serves log_prob, entropy and the method's statistics);
 * ``ours-grpo``: the same with grpo (our log-prob/entropy kernel alone, for reference).
 
-Methods: siren with anchor_value=1.0 (the penalty and its top-p gradient are active), thermostat and lp_reg with
-their defaults. Same inputs as bench_lm_head.py (V = 151,936, H = 64, float32, LLM-like logits, tokens sampled
-from the model). Targets (issue #14): memory <= 1.25x TRL's, flat in N past the tile; time <= 1.5x TRL's.
+Methods: the ones that read the distribution beyond log-prob and entropy: siren with anchor_value=1.0 (the penalty
+and its top-p gradient are active), entropy_bonus with clamp_fraction=0.5 (AEnt's clamped entropy, the example of
+docs/methods/entropy_bonus.md) and lp_reg with its defaults. (The thermostat, measured here before, reads only
+ref_log_prob and the entropy: TRL's fused route, like grpo.) Same inputs as bench_lm_head.py (V = 151,936, H = 64,
+float32, LLM-like logits, tokens sampled from the model). Targets (issue #14): memory <= 1.25x TRL's, flat in N past
+the tile; time <= 1.5x TRL's.
 
 ``--route trainer`` measures the same through the engines instead: one ``_compute_loss`` + backward of TRL 1.16's
 own ``GRPOTrainer`` (``loss_type="grpo"``, its fused LM head: log-probs and entropy from ChunkedLogProbFunction)
@@ -41,7 +44,7 @@ from bench_lm_head import llm_like_inputs, measure, med, side_by_side  # noqa: E
 
 HERE = Path(__file__).resolve()
 T_RESP = 1024
-CONFIGS = {"siren": {"anchor_value": 1.0}, "thermostat": {}, "lp_reg": {}, "grpo": {}}
+CONFIGS = {"siren": {"anchor_value": 1.0}, "entropy_bonus": {"clamp_fraction": 0.5}, "lp_reg": {}, "grpo": {}}
 
 
 def trainer_worker(args: dict) -> dict:
@@ -147,7 +150,7 @@ def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     ap.add_argument("--sizes", default="2048,8192,16384")
-    ap.add_argument("--methods", default="siren,thermostat,lp_reg")
+    ap.add_argument("--methods", default="siren,entropy_bonus,lp_reg")
     ap.add_argument("--no-grpo", action="store_true", help="skip the ours-grpo reference")
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--hidden", type=int, default=64)

@@ -372,9 +372,21 @@ def test_report_to_wandb_offline(tmp_path, monkeypatch):
     assert list((out / "wandb").glob("offline-run-*"))
 
 
-@pytest.mark.parametrize("method", ["grpo", "siren"])
-def test_trl_engine_trains_on_builtin_task(tmp_path, method, capfd):
+@pytest.mark.parametrize("method", ["grpo", "siren", "thermostat"])
+def test_trl_engine_trains_on_builtin_task(tmp_path, method, capfd, monkeypatch):
     pytest.importorskip("trl")
+    import torch
+
+    import rlvr_entropy.trl as rtrl
+
+    built = []
+
+    class Spy(rtrl.EntropyGRPOTrainer):  # the trainer the runner builds, and its model's weights at that point
+        def __init__(self, *a, **k):
+            super().__init__(*a, **k)
+            built.append((self, {n: v.detach().clone() for n, v in self.model.state_dict().items()}))
+
+    monkeypatch.setattr(rtrl, "EntropyGRPOTrainer", Spy)
     out = tmp_path / "t"
     assert cli.main(["run", "--method", method, "--engine", "trl", "--steps", "2", "--out", str(out), "--quiet",
                      *TINY]) == 0
@@ -382,6 +394,15 @@ def test_trl_engine_trains_on_builtin_task(tmp_path, method, capfd):
     assert [r["step"] for r in rows] == [0, 1, 2]
     assert json.loads((out / "config.json").read_text())["engine"] == "trl"
     assert any(k.startswith(f"{method}/") for k in rows[1]) and "reward" in rows[1] and "eval/pass@1" in rows[2]
+    # the thermostat's pull reads TRL's reference: the runner saved the warm start and trained from it, so TRL loaded
+    # the reference from there, with the warm start's weights; no other method saves one or builds a reference
+    (trainer, initial), = built
+    saved = out / "trl" / "warm_start"
+    assert (saved / "config.json").exists() is (trainer.ref_model is not None) is (method == "thermostat")
+    if method == "thermostat":
+        assert trainer.model.config._name_or_path == str(saved) and "thermostat/kl" in rows[1]
+        ref = trainer.ref_model.state_dict()
+        assert ref.keys() == initial.keys() and all(torch.equal(ref[n], v) for n, v in initial.items())
     s = json.loads((out / "summary.json").read_text())["methods"][method]
     assert "entropy_end" in s and "pass@k_end" in s
     captured = capfd.readouterr()

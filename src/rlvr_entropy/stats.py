@@ -641,7 +641,8 @@ def nucleus_size(logits: torch.Tensor, p: float = 0.8, top_k: int | None = None,
 def _change_terms(z: torch.Tensor, valid: torch.Tensor | None, chunk_size: int | None = None):
     """Flattened logits z [N, V] (rows outside ``valid`` read as zeros) -> (H, sum_k pi_k^2 (log pi_k + H),
     logsumexp), each [N] in the compute dtype; chunked over rows, no gradient. The terms of the exact first-order
-    entropy change (steer.md, last section), shared by predicted_entropy_change and the thermostat."""
+    entropy change (steer.md, last section), shared by predicted_entropy_change and entropy_change_terms (the
+    entropy-change probe)."""
     cd = _compute_dtype(z.dtype)
     chunk = chunk_size or default_chunk_size(z.shape[-1])
     h = torch.zeros(z.shape[0], dtype=cd, device=z.device)

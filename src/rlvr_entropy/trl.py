@@ -23,8 +23,8 @@ docs/engines/trl.md for the user's view; in short:
   functions; the rows ``assemble`` keeps replace the first rows of the generation batch (global order), with every
   per-row field, and old / reference log-probs and vLLM's importance ratio recomputed for them. Options it cannot
   honour raise at construction (``_check_second_generation``).
-- Methods that read the reference policy (``"ref_log_prob" in method.needs``: the thermostat with
-  ``actuator="pull"``) get ``TokenBatch.ref_log_prob`` from TRL's own reference, also with ``beta=0``: GRPOTrainer
+- Methods that read the reference policy (``"ref_log_prob" in method.needs``: the thermostat's pull) get
+  ``TokenBatch.ref_log_prob`` from TRL's own reference, also with ``beta=0``: GRPOTrainer
   is made to build, prepare and run its reference as for a nonzero beta, and the user's beta (0) is kept for the loss,
   so no fixed KL term is added (``EntropyGRPOTrainer._reference_for_method``). With ``beta != 0`` both act: TRL's
   ``beta * KL`` and the method's own term.
@@ -339,8 +339,8 @@ class EntropyGRPOTrainer(GRPOTrainer):
             None (default) disables it.
         *args, **kwargs: passed to ``trl.GRPOTrainer`` unchanged.
 
-    Reference log-probs: a method whose ``needs`` holds ``"ref_log_prob"`` (per instance: the thermostat with
-    ``actuator="pull"``) gets ``TokenBatch.ref_log_prob`` = the reference policy's log-prob of each sampled token at
+    Reference log-probs: a method whose ``needs`` holds ``"ref_log_prob"`` (the thermostat, for its pull) gets
+    ``TokenBatch.ref_log_prob`` = the reference policy's log-prob of each sampled token at
     the training temperature, computed once per generation batch, whatever ``beta``. GRPOTrainer builds, prepares and
     runs a reference only when ``beta != 0``; with ``beta == 0`` it is shown a nonzero beta
     (:data:`REFERENCE_ONLY_BETA`) while its ``__init__`` runs and while it generates and scores each batch

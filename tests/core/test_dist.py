@@ -73,8 +73,9 @@ def _rank_batch(rank: int, step: int) -> re.TokenBatch:
         mask[2] = False
     # each response's group mean reward (thermostat's reach): which groups solved something differs by rank
     group_reward = torch.rand(B, generator=g, dtype=torch.float64) * (torch.rand(B, generator=g) < 0.6)
+    ref = lp + 0.1 * torch.randn(B, T, generator=g, dtype=torch.float64)  # the reference (thermostat's pull)
     return re.TokenBatch(log_prob=lp, old_log_prob=lp, advantages=torch.randn(B, generator=g, dtype=torch.float64),
-                         mask=mask, logits=logits, group_reward=group_reward)
+                         mask=mask, logits=logits, group_reward=group_reward, ref_log_prob=ref)
 
 
 _NAMES = ("siren", "thermostat", "adaptive_entropy", "forking_tokens", "kl_cov")

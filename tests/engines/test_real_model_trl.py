@@ -65,6 +65,8 @@ def test_two_steps_on_the_real_model(method, tmp_path):
     trainer = EntropyGRPOTrainer(model=model, reward_funcs=math_reward, args=args, train_dataset=_dataset(),
                                  processing_class=tok, method=method)
     assert trainer.processing_class.eos_token_id == 2  # <|im_end|>: generation stops where the model does
+    # the thermostat's pull reads ref_log_prob: TRL loads its reference again from the model's directory
+    assert (trainer.ref_model is not None) is (method == "thermostat") and trainer.beta == 0.0
     trainer.train()
     logs = trainer.state.log_history
     assert trainer.state.global_step == 2

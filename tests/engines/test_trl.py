@@ -49,9 +49,20 @@ def _trainer(tok, tmp_path, method="grpo", method_config=None, model=None, **arg
                               method_config=method_config)
 
 
+def _saved_model(tok, tmp_path, seed=0):
+    """A tiny model loaded from a folder: TRL builds the reference of a method that reads ref_log_prob (the
+    thermostat's pull) by loading the model's path again (test_trl_reference.py)."""
+    from transformers import Qwen2ForCausalLM
+
+    d = tmp_path / f"saved_model_{seed}"
+    make_model(tok, seed=seed).save_pretrained(str(d))
+    return Qwen2ForCausalLM.from_pretrained(str(d))
+
+
 @pytest.mark.parametrize("name", rlvr_entropy.available_methods())
 def test_two_step_train_every_method(name, tok, tmp_path):
-    model = make_model(tok)
+    reads_ref = "ref_log_prob" in rlvr_entropy.make_method(name).needs  # the thermostat: TRL's reference, beta=0
+    model = _saved_model(tok, tmp_path) if reads_ref else make_model(tok)
     before = {k: v.detach().clone() for k, v in model.named_parameters()}
     cfg = {"siren": {"anchor_value": 1.0},  # a non-trivial anchor so the penalty acts
            # the tiny model's entropy (~3) is above the default band: RAFT++ with no reward > 0.5 is all zero;
@@ -61,6 +72,7 @@ def test_two_step_train_every_method(name, tok, tmp_path):
            "aepo": {"resample_divisor": 2, "reinforce_sample_num": 2}}.get(name)
     t = _trainer(tok, tmp_path, name, cfg, model=model)
     assert isinstance(t.method.dist, LocalCollective)
+    assert (t.ref_model is not None) is reads_ref and t.beta == 0.0  # a reference only for a method that reads it
     t.train()
     changed = sum(not torch.equal(before[k], v) for k, v in model.named_parameters())
     assert changed > 0, "parameters must change"
@@ -102,7 +114,8 @@ def test_full_logits_path_matches_fused_log_probs(tok, tmp_path):
     torch.testing.assert_close(our_ent[m], ent[m], rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.parametrize("name,cfg", [("siren", {"anchor_value": 1.0}), ("thermostat", {"target": 0.5}),
+@pytest.mark.parametrize("name,cfg", [("siren", {"anchor_value": 1.0}),
+                                      ("siren", {"use_top_p": False, "anchor_value": 1.0, "top_k": 5}),
                                       ("lp_reg", {"rho": 0.5, "min_tokens": 1}), ("entropy_bonus",
                                                                                    {"clamp_fraction": 0.3})])
 def test_logits_free_route_equals_materialized_logits(name, cfg, tok, tmp_path, monkeypatch):
@@ -422,7 +435,7 @@ def test_save_refuses_state_that_differs_across_ranks(tok, tmp_path):
 # ------------------------------------------------------------------------------------ inputs and diagnostics
 def test_group_reward_reaches_the_method(tok, tmp_path):
     """Each completion carries its group's mean reward (thermostat's reach-gated floor reads it), std and size."""
-    t = _trainer(tok, tmp_path, "thermostat", {})
+    t = _trainer(tok, tmp_path, "thermostat", {}, model=_saved_model(tok, tmp_path))  # its pull: TRL's reference
     seen = []
     inner = t.method.compute_loss
 

@@ -1,8 +1,10 @@
 """EntropyGRPOTrainer on 2 processes (torch.distributed.run, gloo, CPU): one controller state for the run.
 
-tests/engines/trl_multiproc.py trains siren, thermostat, adaptive_entropy, steer(scope="global") and forking_tokens
-(and entrocraft, whose begin_step is a collective, and aepo, whose second generation spans both ranks) for 3 optimizer steps on 2 ranks that see different prompts, with evaluation in the loop, rank 1's whole second step
-fully masked (and emitting a metric key rank 0 never emits), a checkpoint and a resume. See that script's docstring.
+tests/engines/trl_multiproc.py trains siren, thermostat (its pull toward TRL's reference, beta=0), adaptive_entropy,
+steer(scope="global") and forking_tokens (and entrocraft, whose begin_step is a collective, and aepo, whose second
+generation spans both ranks) for 3 optimizer steps on 2 ranks that see different prompts, with evaluation in the loop,
+rank 1's whole second step fully masked (and emitting a metric key rank 0 never emits), a checkpoint and a resume. See
+that script's docstring.
 """
 from __future__ import annotations
 
@@ -17,14 +19,11 @@ pytest.importorskip("trl")
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(os.path.dirname(HERE))
-METHODS = ("siren", "thermostat", "adaptive_entropy", "steer", "forking_tokens", "entrocraft", "aepo",
-           "thermostat_pull")
-#: run keys that are not the method's name (trl_multiproc.py: the thermostat with actuator="pull", beta=0)
-METHOD_OF = {"thermostat_pull": "thermostat"}
-CONTROLLED = {"siren", "thermostat", "adaptive_entropy", "entrocraft", "thermostat_pull"}
+METHODS = ("siren", "thermostat", "adaptive_entropy", "steer", "forking_tokens", "entrocraft", "aepo")
+CONTROLLED = {"siren", "thermostat", "adaptive_entropy", "entrocraft"}
 #: where each controlled method keeps the entropy it measured over the step
 MEASURED = {"thermostat": ("pi", "last_entropy"), "adaptive_entropy": ("coef", "last_entropy"),
-            "entrocraft": ("band", "entropy"), "thermostat_pull": ("pi", "last_entropy")}
+            "entrocraft": ("band", "entropy")}
 MASK_RANK = 1
 TIMEOUT_S = 400  # a hang (e.g. ranks issuing different collectives) fails here instead of blocking the suite
 
@@ -107,7 +106,7 @@ def test_checkpoint_resume_on_every_rank(runs, name):
         assert r["resumed_begin"] == r0["final"]
     assert r0["resumed_final"] == r1["resumed_final"]
     saved = json.load(open(os.path.join(r0["checkpoint"], "rlvr_entropy_state.json")))
-    assert saved["method"] == METHOD_OF.get(name, name) and saved["state"] == r0["final"]
+    assert saved["method"] == name and saved["state"] == r0["final"]
 
 
 def test_aepo_second_generation_is_one_plan_and_one_update_batch_over_both_ranks(runs):
@@ -141,11 +140,12 @@ def test_aepo_second_generation_is_one_plan_and_one_update_batch_over_both_ranks
         e >= 8 for e in a0["updates"][0]["extra_rows"][:n])  # rank 0 placed samples rank 1 generated
 
 
-def test_pull_thermostat_reads_the_reference_on_both_ranks(runs):
-    """The thermostat with actuator="pull" and beta=0: TRL's reference is built on both ranks, every training
-    micro-batch hands the method ref_log_prob, beta stays 0, and the pull acts (u > 0) with the same coefficient
-    on both ranks (one controller state); its state is identical on both ranks at every step (the tests above)."""
-    r0, r1 = runs["thermostat_pull"]
+def test_thermostat_reads_the_reference_on_both_ranks(runs):
+    """The thermostat with beta=0: TRL's reference is built on both ranks, every training micro-batch hands the
+    method ref_log_prob, beta stays 0, and the pull acts (u > 0) with the same coefficient on both ranks (one
+    controller state); its state is identical on both ranks at every step (the tests above). A method that does not
+    read the reference builds none."""
+    r0, r1 = runs["thermostat"]
     for r in (r0, r1):
         assert r["has_ref_model"] and r["beta"] == 0.0
         assert len(r["ref_seen"]) == 6 and all(r["ref_seen"])  # 3 steps x 2 micro-batches
@@ -155,6 +155,7 @@ def test_pull_thermostat_reads_the_reference_on_both_ranks(runs):
     assert coef[0] == 0.0 and all(c > 0 for c in coef[1:])  # logged: reduced over both ranks
     assert all(k > 0 for k in r0["logged"]["thermostat/kl"][1:])
     assert not r0["trl_kl_logged"] and not r1["trl_kl_logged"]  # no fixed-KL term (TRL's "kl" metric)
+    assert not any(runs[m][r]["has_ref_model"] for m in METHODS if m != "thermostat" for r in (0, 1))
 
 
 def test_masked_micro_batch_on_one_rank_does_not_hang_and_keys_union(runs):
@@ -164,7 +165,7 @@ def test_masked_micro_batch_on_one_rank_does_not_hang_and_keys_union(runs):
         r0, r1 = runs[name]
         assert r0["masked_micro_batches"] == 0 and r1["masked_micro_batches"] == 2
         assert r0["logged"]["probe/only_on_masked_rank"] == [1.0]
-        assert any(k.startswith(f"eval_{METHOD_OF.get(name, name)}/") for k in r0["logged"])
+        assert any(k.startswith(f"eval_{name}/") for k in r0["logged"])
 
 
 def test_resume_two_process_checkpoint_on_one_process(runs, tmp_path):

@@ -1,5 +1,5 @@
-"""TRL engine, reference log-probs for a method that reads them (``"ref_log_prob" in method.needs``: the thermostat with
-``actuator="pull"``), rlvr_entropy/trl.py ``EntropyGRPOTrainer._reference_for_method``.
+"""TRL engine, reference log-probs for a method that reads them (``"ref_log_prob" in method.needs``: the thermostat's
+pull toward the reference), rlvr_entropy/trl.py ``EntropyGRPOTrainer._reference_for_method``.
 
 With ``beta=0`` GRPOTrainer builds no reference; EntropyGRPOTrainer has TRL build, prepare and run its own anyway and
 keeps the user's beta for the loss. Checked here on one process with a tiny Qwen2 (saved to a folder: TRL loads its
@@ -11,7 +11,7 @@ reference from the model's path; nothing is downloaded):
 * a method that does not read the reference builds none; a model without a path is refused with a clear error;
   ``sync_ref_model`` keeps syncing the reference; with PEFT the reference is the model with its adapters disabled.
 
-The AEPO second generation's kept rows: test_trl_aepo.py; two processes: test_trl_multiproc.py (thermostat_pull).
+The AEPO second generation's kept rows: test_trl_aepo.py; two processes: test_trl_multiproc.py (thermostat).
 """
 from __future__ import annotations
 
@@ -35,7 +35,7 @@ from tests.engines.trl_helpers import one_torch_thread  # noqa: E402,F401  (auto
 
 TRAIN_T = 0.7  # the training temperature: the reference must be scored at it, not at 1
 #: the pull acts from the second step on: a floor far above the tiny model's entropy (~3 nats) makes u > 0
-PULL = {"actuator": "pull", "target": 10.0, "reach_tol": None, "pull_coef": 0.5}
+PULL = {"target": 10.0, "reach_tol": None, "pull_coef": 0.5}
 
 
 def _args(tmp_path, **kw):
@@ -146,7 +146,7 @@ def _inputs(tok, seed=0):
 
 @pytest.mark.parametrize("beta", [0.0, 0.1])
 def test_no_fixed_kl_term_with_beta_zero_and_both_terms_with_beta(beta, tok, tmp_path, model_dir):
-    """The loss of the pull thermostat (u forced to 0.6) minus grpo's on the same inputs (the same reference in them)
+    """The loss of the thermostat (u forced to 0.6) minus grpo's on the same inputs (the same reference in them)
     is exactly the method's pull u x pull_coef x k3 (TRL's beta x KL adds to both, or to neither): with beta=0 the
     only pull is the method's; with beta=0.1 TRL's fixed term acts too (it is the difference with beta=0)."""
     losses = {}
@@ -178,17 +178,19 @@ def test_no_fixed_kl_term_with_beta_zero_and_both_terms_with_beta(beta, tok, tmp
 
 
 def test_methods_that_do_not_read_the_reference_build_none(tok, tmp_path, model_dir):
-    """No reference model (memory) for grpo or the default thermostat (actuator="damp"), even from a path; the pull
-    thermostat builds one; a model without a path cannot give TRL its reference: a clear error."""
-    for name, cfg in (("grpo", None), ("thermostat", {})):
-        t = _trainer(tok, tmp_path, Qwen2ForCausalLM.from_pretrained(model_dir), name, cfg)
+    """No reference model (memory) for grpo (nor siren, which reads logits), even from a path; the thermostat builds
+    one, with its defaults too; a model without a path cannot give TRL its reference: a clear error (grpo built from
+    a config is fine)."""
+    for name in ("grpo", "siren"):
+        t = _trainer(tok, tmp_path, Qwen2ForCausalLM.from_pretrained(model_dir), name)
         assert "ref_log_prob" not in t.method.needs and t.ref_model is None and not t._ref_for_method
-    t = _trainer(tok, tmp_path, make_model(tok), "thermostat", {})  # built from a config: fine without a reference
+    t = _trainer(tok, tmp_path, make_model(tok), "grpo")  # built from a config: fine without a reference
     assert t.ref_model is None
-    with pytest.raises(ValueError, match=r"ref_log_prob.*_name_or_path.*save_pretrained"):
-        _trainer(tok, tmp_path, make_model(tok))
-    t = _trainer(tok, tmp_path, Qwen2ForCausalLM.from_pretrained(model_dir))
-    assert t.method.needs == ("ref_log_prob",) and t.ref_model is not None
+    for cfg in (None, {}):  # the test's PULL, and the thermostat's defaults
+        with pytest.raises(ValueError, match=r"ref_log_prob.*_name_or_path.*save_pretrained"):
+            _trainer(tok, tmp_path, make_model(tok), "thermostat", cfg)
+        t = _trainer(tok, tmp_path, Qwen2ForCausalLM.from_pretrained(model_dir), "thermostat", cfg)
+        assert t.method.needs == ("ref_log_prob",) and t.ref_model is not None and t._ref_for_method
     # the model's own path also works (TRL loads the policy and its reference from it)
     t = _trainer(tok, tmp_path, model_dir)
     assert t.ref_model is not None and t.beta == 0.0

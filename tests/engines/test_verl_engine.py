@@ -14,13 +14,15 @@ adaptive_entropy, steer (scope="global"), forking_tokens and entrocraft, each ra
 * use_dynamic_bsz (another micro-batch split) gives the same SIREN anchor as fixed micro-batches;
 * STEER reads the v1 trainer's old entropy (``entropy`` in the batch); Entrocraft decides each step with that
   step's own rollout entropy (``begin_step`` from ``train_mini_batch``, reduced over both ranks), no lag;
-* the thermostat's reach reads each response's group mean reward over both ranks (``group_reward`` from ``uid``);
-* ``use_fused_kernels=True``: SIREN and the thermostat read the distribution from the tiled LM head on the recorded
-  hidden state and the gathered FSDP2 weight (no logits anywhere).
+* the thermostat's reach reads each response's group mean reward over both ranks (``group_reward`` from ``uid``),
+  and its pull the data's ``ref_log_prob`` (verl's reference enabled as docs/engines/verl.md says:
+  ``use_kl_loss=True``, ``kl_loss_coef=0``);
+* ``use_fused_kernels=True``: SIREN reads the distribution from the tiled LM head on the recorded hidden state and
+  the gathered FSDP2 weight (no logits anywhere).
 
-Phase "ref" (its own 2-rank run, fixture ``ref_runs``): the thermostat with ``actuator="pull"`` (reads
-``ref_log_prob``) with verl's reference enabled as docs/engines/verl.md says (``use_kl_loss=True``,
-``kl_loss_coef=0``) trains on the ``ref_log_prob`` of the data each rank passed: the rows it sees are the data's, its
+Phase "ref" (its own 2-rank run, fixture ``ref_runs``): the thermostat with a floor far above the entropy (its pull
+acts from the second step), verl's reference enabled the same way, trains on the ``ref_log_prob`` of the data each
+rank passed: the rows it sees are the data's, its
 logged k3 at the first step is the one computed from the data (per micro-batch, and as verl reports it: the mean over
 both ranks' micro-batches), its controller state is one over both ranks, and its pull acts.
 """
@@ -173,7 +175,8 @@ def test_entrocraft_decides_each_step_with_its_own_rollout_entropy_over_both_ran
 
 def test_thermostat_reads_each_groups_mean_reward_over_both_ranks(runs):
     """The default thermostat (reach-gated floor) gets ``group_reward`` from the rollout's ``uid`` and rewards: each
-    group's mean over both ranks (groups q0 and q1 span them), attached before the rollout is split."""
+    group's mean over both ranks (groups q0 and q1 span them), attached before the rollout is split; its pull gets
+    the ``ref_log_prob`` of the data on every micro-batch (training and the forward-only pass)."""
     _, train, resume = runs
     rows = {rank: list(zip(train[rank]["rollout"]["uid"], train[rank]["rollout"]["reward"])) for rank in (0, 1)}
     both = rows[0] + rows[1]
@@ -187,6 +190,19 @@ def test_thermostat_reads_each_groups_mean_reward_over_both_ranks(runs):
         got = [g for c in _losses(train[rank]["thermostat"]["record"]) for g in c["group_reward"]]
         assert len(got) == 4 * 2  # each row once per epoch (the forward-only pass has no rollout hook)
         assert sorted(got) == pytest.approx(sorted([mean(u, both) for u, _ in rows[rank]] * 2), abs=1e-6)
+        # the pull's input: every micro-batch (training, and the forward-only pass) carries rows of this rank's
+        # ref_log_prob, each row once per pass
+        data_ref = train[rank]["thermostat"]["data_ref"]
+        assert data_ref != train[1 - rank]["thermostat"]["data_ref"]
+        calls = _losses(train[rank]["thermostat"]["record"]) + _losses(train[rank]["thermostat"]["record"], False)
+        seen = []
+        for c in calls:
+            for ref in c["ref"]:
+                row = next((i for i, r in enumerate(data_ref) if r == pytest.approx(ref, rel=0, abs=1e-6)), None)
+                assert row is not None, f"rank {rank}: a reference {ref} that is no row of the data's"
+                seen.append(row)
+        assert sorted(seen) == [0, 0, 0, 1, 1, 1, 2, 2, 2, 3, 3, 3]  # 2 epochs + the forward-only pass
+    assert not any("ref" in c for c in _losses(train[0]["siren"]["record"]))  # no reference in siren's data
     s0 = train[0]["thermostat"]["after_update"]["methods"]["thermostat"]
     assert s0["reach"]["steps"] == 4 and s0 == train[1]["thermostat"]["after_update"]["methods"]["thermostat"]
     assert resume[0]["thermostat"]["after_update"]["methods"]["thermostat"]["reach"]["steps"] == 6
@@ -248,7 +264,7 @@ def test_dynamic_batch_size_gives_the_same_anchor(runs):
         assert calls == [0, 1, 2, 3]  # really another split: one micro-batch per step instead of two
 
 
-# ---------------------------------------------------------------------------- phase "ref": the pull thermostat
+# ------------------------------------------------------------------- phase "ref": the thermostat's pull acting
 def _k3(ref, lp):
     return sum(math.exp(r - x) - (r - x) - 1 for r, x in zip(ref, lp)) / len(ref)
 
@@ -258,7 +274,7 @@ def ref_runs(tmp_path_factory):
     return _torchrun(2, "ref", tmp_path_factory.mktemp("verl_engine_ref"), timeout=300)
 
 
-def test_pull_thermostat_reads_the_ref_log_prob_of_the_data_on_verls_engine(ref_runs):
+def test_thermostat_pull_reads_the_ref_log_prob_of_the_data_on_verls_engine(ref_runs):
     runs = ref_runs
     for rank in (0, 1):
         assert runs[rank]["rlvr_entropy_file"].startswith(str(ROOT / "src"))  # this checkout's package on the ranks

@@ -388,9 +388,9 @@ def _response_logits(rmpad, data, T):
 
 
 def test_lm_head_source_equals_the_methods_on_response_logits():
-    """siren / lp_reg / thermostat through entropy_ppo_loss, fed by the tiled LM head on the recorded hidden state
-    at temperature 0.7, give the loss and the model gradients of the method on a TokenBatch of the response logits
-    / T; a grpo loss records nothing."""
+    """siren / lp_reg / entropy_bonus (AEnt's clamped entropy) through entropy_ppo_loss, fed by the tiled LM head on
+    the recorded hidden state at temperature 0.7, give the loss and the model gradients of the method on a TokenBatch
+    of the response logits / T; a grpo loss records nothing."""
     from verl.utils import tensordict_utils as tu
     from verl.workers.utils.padding import no_padding_2_padding
 
@@ -400,9 +400,9 @@ def test_lm_head_source_equals_the_methods_on_response_logits():
     from rlvr_entropy.verl.state import EngineState
 
     temp = 0.7
-    for name in ("siren", "lp_reg", "thermostat"):
-        cfg = _actor_config(loss_mode=f"rle_{name}",
-                            **({"method_config": {"reach_tol": None}} if name == "thermostat" else {}))
+    for name in ("siren", "lp_reg", "entropy_bonus"):
+        extra = {"clamp_fraction": 0.3} if name == "entropy_bonus" else {}  # clamping: it reads the distribution
+        cfg = _actor_config(loss_mode=f"rle_{name}", **({"method_config": extra} if extra else {}))
         loss_fn = functools.partial(entropy_ppo_loss, config=cfg)
         assert hooks.reads_distribution(loss_fn) and not hooks.reads_distribution(None)
         assert not hooks.reads_distribution(functools.partial(entropy_ppo_loss,
@@ -419,7 +419,6 @@ def test_lm_head_source_equals_the_methods_on_response_logits():
             else:
                 lp = no_padding_2_padding(out["log_probs"], data)
                 pd = data.select("response_mask", "old_log_probs", "advantages").to_padded_tensor()
-                extra = {"reach_tol": None} if name == "thermostat" else {}
                 loss = make_method(name, **_pg(cfg, name), **extra).compute_loss(TokenBatch(
                     log_prob=lp, old_log_prob=pd["old_log_probs"], advantages=pd["advantages"],
                     mask=pd["response_mask"].bool(), logits=_response_logits(rmpad, data, lp.shape[1]) / temp,
@@ -665,12 +664,14 @@ def test_aepo_is_refused_instead_of_running_as_grpo():
 
 
 # ------------------------------------------------------------------------------ reference log-probs
-PULL = {"actuator": "pull", "reach_tol": None}  # the thermostat's pull toward the reference (reads ref_log_prob)
+#: the thermostat (its pull reads ref_log_prob) with the fixed floor: these micro-batches carry no group_reward
+PULL = {"reach_tol": None}
 
 
 def test_config_check_refuses_a_method_that_reads_the_reference_without_verls_reference_worker():
     """verl runs its reference worker only with actor.use_kl_loss or algorithm.use_kl_in_reward: a method that reads
-    ref_log_prob is refused without either, with the options named; the damping thermostat does not care."""
+    ref_log_prob (the thermostat, with its defaults too) is refused without either, with the options named; grpo,
+    which reads no reference, needs neither."""
     from rlvr_entropy.verl.hooks import check_verl_config
 
     cfg = _actor_config(loss_mode="rle_thermostat", method_config=PULL)
@@ -684,8 +685,10 @@ def test_config_check_refuses_a_method_that_reads_the_reference_without_verls_re
     object.__setattr__(cfg, "use_kl_loss", True)
     object.__setattr__(cfg, "kl_loss_coef", 0.0)
     check_verl_config("thermostat", cfg, {})
-    check_verl_config("thermostat", _actor_config(loss_mode="rle_thermostat"), {})  # damp: no reference needed
-    # the pull reads the current entropy (not the distribution): calculate_entropy is required (instance-level needs)
+    with pytest.raises(ValueError, match=r"ref_log_prob.*use_kl_loss=True"):  # the defaults read the reference too
+        check_verl_config("thermostat", _actor_config(loss_mode="rle_thermostat"), {})
+    check_verl_config("grpo", _actor_config(loss_mode="rle_grpo"), {})  # no reference needed
+    # the thermostat reads the current entropy (not the distribution): calculate_entropy is required
     object.__setattr__(cfg, "calculate_entropy", False)
     with pytest.raises(ValueError, match="calculate_entropy=True"):
         check_verl_config("thermostat", cfg, {})
@@ -756,7 +759,7 @@ def test_a_micro_batch_without_ref_log_prob_is_refused_naming_the_field_and_the_
 
 
 def test_the_docs_reference_settings_compose_with_verls_config_and_pass_the_check():
-    """docs/engines/verl.md's overrides for the pull thermostat compose with verl's ppo_trainer.yaml: verl then needs
+    """docs/engines/verl.md's overrides for the thermostat compose with verl's ppo_trainer.yaml: verl then needs
     its reference policy (need_reference_policy, what starts the reference worker) and check_verl_config passes;
     without use_kl_loss (and use_kl_in_reward) verl would run no reference worker, and the check refuses."""
     import os
@@ -767,10 +770,11 @@ def test_the_docs_reference_settings_compose_with_verls_config_and_pass_the_chec
     from verl.utils.config import omega_conf_to_dataclass
 
     from rlvr_entropy.verl.hooks import check_verl_config
+    from rlvr_entropy.verl.state import EngineState
 
     pre = "actor_rollout_ref.actor."
     base = [pre + "policy_loss._target_=rlvr_entropy.verl.config.EntropyPolicyLossConfig",
-            pre + "policy_loss.loss_mode=rle_thermostat", "+" + pre + "policy_loss.method_config.actuator=pull",
+            pre + "policy_loss.loss_mode=rle_thermostat",
             pre + "calculate_entropy=True", pre + "ppo_micro_batch_size_per_gpu=2", pre + "ppo_mini_batch_size=8"]
     d = os.path.join(os.path.dirname(verl.__file__), "trainer", "config")
     cases = {"doc": ([pre + "use_kl_loss=True", pre + "kl_loss_coef=0"], True),
@@ -780,7 +784,8 @@ def test_the_docs_reference_settings_compose_with_verls_config_and_pass_the_chec
         with initialize_config_dir(config_dir=d, version_base=None):
             cfg = compose("ppo_trainer", overrides=base + extra)
         actor = omega_conf_to_dataclass(cfg.actor_rollout_ref.actor)
-        assert actor.policy_loss.method_config == {"actuator": "pull"}
+        assert actor.policy_loss.method == "thermostat" and actor.policy_loss.method_config == {}
+        assert EngineState().method("thermostat", actor).needs == ("ref_log_prob",)  # its defaults read the reference
         assert bool(need_reference_policy(cfg)) is ok, name
         if ok:
             check_verl_config("thermostat", actor, cfg.actor_rollout_ref.model, cfg.algorithm)

@@ -39,7 +39,10 @@ from tests.engines.tiny_hf import digit_reward, make_dataset, make_model, make_t
 
 METHODS = {
     "siren": {},
-    "thermostat": {},
+    # the thermostat's pull reads the reference's log-probs with beta=0 (TRL's reference, built for it: the model is
+    # loaded from a folder, _model); a floor far above the tiny model's entropy makes u > 0 from the second step, so
+    # the pull acts
+    "thermostat": {"target": 10.0},
     "adaptive_entropy": {"target": 3.025, "delta": 1e-3, "coef_max": 0.01},
     "steer": {"scope": "global"},
     "forking_tokens": {},
@@ -49,12 +52,7 @@ METHODS = {
     # rank); with three correct answers in every group of 4 (pattern_reward) 12 qualify, so k = 12 at the first step
     # (H_prev = 0: rows 0..7 of rank 0 and 0..3 of rank 1) and 12 // 2 = 6 after it (H_prev ~ 3 > 0.5)
     "aepo": {"resample_divisor": 1},
-    # the thermostat with actuator="pull" reads the reference's log-probs with beta=0 (TRL's reference, built for it);
-    # a floor far above the tiny model's entropy makes u > 0 from the second step, so the pull acts
-    "thermostat_pull": {"actuator": "pull", "target": 10.0},
 }
-#: run keys that are not the method's name
-METHOD_OF = {"thermostat_pull": "thermostat"}
 #: reward functions other than digit_reward
 REWARDS = {"aepo": "pattern"}
 #: per-micro-batch statistics a global scope makes identical across ranks
@@ -183,7 +181,7 @@ class Recorder(TrainerCallback):
 def _attach_shadow(trainer, name, cfg, record):
     """Spy on the trainer's method: feed the same training batches to a LocalCollective copy."""
     method = trainer.method
-    shadow = rlvr_entropy.make_method(METHOD_OF.get(name, name), **cfg)
+    shadow = rlvr_entropy.make_method(name, **cfg)
     shadow.config = method.config  # same PG settings as the trainer mapped
     shadow_end = shadow.end_step
 
@@ -217,7 +215,7 @@ def _model(name, tok, seed, out_dir, rank):
     """The tiny model; for a method that reads the reference, loaded from a folder (TRL loads its reference from the
     model's path), one per rank and seed (the same weights on every rank)."""
     model = make_model(tok, seed=seed)
-    if "ref_log_prob" not in rlvr_entropy.make_method(METHOD_OF.get(name, name), **METHODS[name]).needs:
+    if "ref_log_prob" not in rlvr_entropy.make_method(name, **METHODS[name]).needs:
         return model
     from transformers import Qwen2ForCausalLM
 
@@ -229,7 +227,7 @@ def _model(name, tok, seed, out_dir, rank):
 def run(name, cfg, out_dir, mask_rank):
     tok = make_tokenizer()
     rank = int(os.environ.get("RANK", "0"))
-    method = METHOD_OF.get(name, name)
+    method = name
     odir = os.path.join(out_dir, name)
     common = dict(output_dir=odir, use_cpu=True, per_device_train_batch_size=4, gradient_accumulation_steps=2,
                   num_generations=4, max_completion_length=6, learning_rate=1e-2, logging_steps=1, report_to=[],

@@ -146,7 +146,8 @@ def make_model_dir(path: str) -> None:
 # -------------------------------------------------------------------------------------- configuration
 METHODS = {  # name -> (loss_mode, method_config)
     "siren": ("rle_siren", {"top_p": 0.9}),
-    "thermostat": ("rle_thermostat", {}),  # the default: its reach-gated floor reads group_reward (from uid)
+    # the default: its reach-gated floor reads group_reward (from uid), its pull ref_log_prob (METHOD_ACTOR)
+    "thermostat": ("rle_thermostat", {}),
     "adaptive_entropy": ("rle_adaptive_entropy", {"target": 0.5}),
     "steer": ("rle_steer", {"scope": "global"}),
     "forking_tokens": ("rle_forking_tokens", {}),
@@ -159,12 +160,16 @@ EPOCHS = 2      # ppo_epochs: 2 x 2 = 4 optimizer steps per update_actor
 
 _BASE = {}
 
+#: verl's reference enabled the way docs/engines/verl.md says for a method that reads ref_log_prob (use_kl_loss=True,
+#: kl_loss_coef=0: the method's pull alone); the data carry a ref_log_prob (with_reference), as verl's trainer stores it
+REFERENCE = {"use_kl_loss": True, "kl_loss_coef": 0.0}
+#: actor overrides per method (phases train and resume)
+METHOD_ACTOR = {"thermostat": REFERENCE}
 
-#: phase "ref": the thermostat with actuator="pull" (reads ref_log_prob; default reach-gated floor, H0 = 10 nats far
-#: above the model's entropy so that u > 0 from the second step) with verl's reference enabled the way
-#: docs/engines/verl.md says (use_kl_loss=True, kl_loss_coef=0: the method's pull alone)
-REF_METHOD = ("rle_thermostat", {"actuator": "pull", "target": 10.0})
-REF_ACTOR = {"use_kl_loss": True, "kl_loss_coef": 0.0, "optim.lr": 1e-3}
+#: phase "ref": the thermostat (default reach-gated floor; H0 = 10 nats far above the model's entropy so that u > 0
+#: from the second step: the pull acts) with verl's reference enabled
+REF_METHOD = ("rle_thermostat", {"target": 10.0})
+REF_ACTOR = {**REFERENCE, "optim.lr": 1e-3}
 
 
 def compose(model_dir: str, loss_mode: str, method_config: dict, *, dynamic: bool, load_contents=None,
@@ -214,6 +219,7 @@ def build_worker(model_dir: str, name: str, *, dynamic: bool = False, load_conte
     from verl.workers.engine_workers import ActorRolloutRefWorker
 
     loss_mode, mc = METHODS[name] if spec is None else spec
+    actor = METHOD_ACTOR.get(name) if actor is None and spec is None else actor
     cfg = compose(model_dir, loss_mode, mc, dynamic=dynamic, load_contents=load_contents, actor=actor)
     w = ActorRolloutRefWorker(cfg.actor_rollout_ref, role="actor")
     tick(f"composed {name}")
@@ -379,6 +385,8 @@ def phase_train(work: str, out: dict) -> None:
         RECORD.clear()
         w = build_worker(model_dir, name)
         td = with_old_log_probs(w, make_batch(RANK, seed=1))
+        if name in METHOD_ACTOR:  # the method reads the reference's log-probs
+            td = with_reference(td, RANK)
         if name == "thermostat":  # what each row's group mean reward must be: the rollout's uids and rewards
             out["rollout"] = {"uid": uids(RANK),
                               "reward": [float(x.sum()) for x in td["token_level_scores"].unbind()]}
@@ -390,6 +398,8 @@ def phase_train(work: str, out: dict) -> None:
         w.save_checkpoint(os.path.join(work, "ckpt", name), global_step=4)
         tick("saved")
         out[name] = {"after_update": s1, "after_eval": engine_state(w), "record": list(RECORD)}
+        if "ref_log_prob" in td.keys():
+            out[name]["data_ref"] = [[float(x) for x in r] for r in td["ref_log_prob"].unbind()]
         del w
     # a second engine in this process (its own state: fresh), restoring every checkpoint on the same 2 ranks
     name = next(iter(METHODS))
@@ -419,9 +429,9 @@ def with_reference(td, rank: int):
 
 
 def phase_ref(work: str, out: dict) -> None:
-    """The pull thermostat reads the ref_log_prob of the data: one update (4 optimizer steps) with verl's reference
-    enabled as the docs say; every rank records its data (old and reference log-probs per row) and what the method
-    saw."""
+    """The thermostat reads the ref_log_prob of the data, and its pull acts: one update (4 optimizer steps) with verl's
+    reference enabled as the docs say; every rank records its data (old and reference log-probs per row) and what the
+    method saw."""
     import rlvr_entropy
 
     model_dir = os.path.join(work, "model")
@@ -464,9 +474,11 @@ def phase_resume(work: str, out: dict) -> None:
         w.load_checkpoint(os.path.join(work, "ckpt", name))
         loaded = engine_state(w)
         loss_mode, mc = METHODS[name]
-        actor = omega_conf_to_dataclass(compose(model_dir, loss_mode, mc, dynamic=False).actor_rollout_ref.actor)
+        actor = omega_conf_to_dataclass(compose(model_dir, loss_mode, mc, dynamic=False,
+                                                actor=METHOD_ACTOR.get(name)).actor_rollout_ref.actor)
         w.set_loss_fn(functools.partial(engine_workers.ppo_loss, config=actor))
-        update(w, with_old_log_probs(w, make_batch(0, seed=3)))
+        td = with_old_log_probs(w, make_batch(0, seed=3))
+        update(w, with_reference(td, 0) if name in METHOD_ACTOR else td)
         tick(f"resumed {name}")
         out[name] = {"loaded": loaded, "after_update": engine_state(w), "record": list(RECORD)}
 

@@ -243,7 +243,8 @@ def test_requests_for_methods():
     assert kernels.requests_for(re.make_method("grpo")) == ()
     assert kernels.requests_for(re.make_method("siren")) == (Stat.top_p_entropy(0.8, 10000, False),)
     assert kernels.requests_for(re.make_method("siren", use_top_p=False)) == (Stat.entropy(),)
-    assert kernels.requests_for(re.make_method("thermostat")) == (Stat.change_terms(),)
+    # the thermostat reads ref_log_prob and the entropy (which every source gives), nothing more of the distribution
+    assert kernels.requests_for(re.make_method("thermostat")) == ()
     assert kernels.requests_for(re.make_method("lp_reg", kappa=0.05)) == (Stat.proxy_log_mass(0.05),)
     assert kernels.requests_for(re.make_method("entropy_bonus")) == ()
     assert kernels.requests_for(re.make_method("entropy_bonus", clamp_fraction=0.2)) == (Stat.clamped_entropy(0.2),)

@@ -268,8 +268,9 @@ def test_rollout_end_flag(name):
 # ------------------------------------------------------------------ logits-free route (rlvr_entropy.kernels)
 def _logits_route_cases():
     """Every method that reads the distribution (instance-level ``needs``), with its defaults, plus settings that
-    exercise each statistic's gradient or the controller (siren's anchor and ablation, thermostat's PI away from 0,
-    Lp-Reg's term on a small batch, AEnt clamping), and methods that read only the entropy."""
+    exercise each statistic's gradient or the controller (siren's anchor and ablation, Lp-Reg's term on a small
+    batch, AEnt clamping), and methods that read only the entropy (the thermostat with its PI away from 0, so its
+    pull toward ref_log_prob acts on the source's log-probs)."""
     cases = [(n, {}) for n in METHODS if "logits" in fresh(n).needs]
     cases += [("siren", {"anchor_value": 1.0}), ("siren", {"use_top_p": False, "anchor_value": 1.0, "top_k": 5}),
               ("thermostat", {"target": 5.0, "reach_tol": None}),

@@ -20,8 +20,8 @@ old_entropy     [B, T]       optional; entropy of pi_old (STEER reads this)
 ref_log_prob    [B, T]       optional; log-prob under a reference model
 rewards         [B]          optional; scalar reward per response (W-REINFORCE reads this)
 group_reward    [B]          optional; mean reward of the response's group (the prompt's GRPO group, all its
-                             samples), i.e. the group success rate for 0/1 rewards (thermostat's
-                             ``hard_below`` reads this)
+                             samples), i.e. the group success rate for 0/1 rewards (the thermostat's
+                             reach-gated floor reads this)
 group_reward_std [B]         optional; unbiased (n - 1) standard deviation of the rewards of the response's group,
                              0 for a group of one (with group_reward and group_size: the GRPO statistics)
 group_size      [B]          optional; number of responses in the response's group (>= 1)

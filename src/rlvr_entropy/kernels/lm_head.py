@@ -1,7 +1,7 @@
 """Tiled LM head: per-position statistics of softmax((hidden @ W^T + b) / T) without [N, V] logits.
 
-Every method that reads the full next-token distribution (SIREN's top-p entropy, the thermostat's entropy-change
-terms, Lp-Reg's min-p proxy, AEnt's clamped entropy, the entropy-change probe) gets what it needs from this pass:
+Every method that reads the full next-token distribution (SIREN's top-p entropy, Lp-Reg's min-p proxy, AEnt's
+clamped entropy) and the entropy-change probe (the exact entropy-change terms) get what they need from this pass:
 
     hidden [N, H], weight [V, H], bias [V] | None, token_ids [N], temperature
         -> for each requested :class:`~rlvr_entropy.stats.Stat`: a tensor [N] (a pair for change_terms /

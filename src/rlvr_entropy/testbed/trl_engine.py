@@ -10,6 +10,11 @@ Deviations from the lean loop: no checkpoint/resume here (TRL's own ``resume_fro
 the trainer), and TRL samples with ``transformers`` generation (slower on this tiny model): the model is the lean
 loop's warm start converted to ``transformers.Qwen2ForCausalLM`` (:meth:`TinyQwen2.to_hf`, same weights).
 
+A method that reads the reference policy (``"ref_log_prob" in method.needs``: the thermostat's pull) gets TRL's own
+reference, which TRL loads again from the model's path: the warm start is saved to ``<out>/trl/warm_start`` (a
+Hugging Face model directory) and trained from there, so the reference is the warm start (the lean loop's
+reference too).
+
 Logging: TRL's own per-log printing (raw dicts) is switched off; the run prints the testbed's progress line and
 ``report_to`` (``tensorboard``, ``wandb``) goes to TRL's integrations (TensorBoard logs in ``<out>/tb``).
 """
@@ -30,6 +35,17 @@ from rlvr_entropy.testbed.tokenizer import CharTokenizer
 from rlvr_entropy.testbed.train import TrainConfig, _jsonable, eval_problems, evaluate, initial_model
 
 
+def _from_saved(model, path: Path):
+    """``model`` saved to ``path`` and loaded back (the same weights, float32), so that its config holds the path
+    TRL loads a reference from (``config._name_or_path``); its generation config and train/eval mode are kept."""
+    from transformers import Qwen2ForCausalLM
+
+    model.save_pretrained(str(path))
+    loaded = Qwen2ForCausalLM.from_pretrained(str(path), dtype=torch.float32)
+    loaded.generation_config = model.generation_config
+    return loaded.train(model.training)
+
+
 def train_trl(method_name: str, cfg: TrainConfig, out_dir: str | os.PathLike, method_overrides: dict | None = None,
               progress: bool = True, use_cache: bool = True, threads: int | None = 1,
               diagnostics_every: int | None = None, report_to: tuple[str, ...] | list[str] = ()) -> dict[str, Any]:
@@ -44,7 +60,7 @@ def train_trl(method_name: str, cfg: TrainConfig, out_dir: str | os.PathLike, me
     from rlvr_entropy.testbed.provenance import provenance
     from rlvr_entropy.testbed.train import REPORT_TO
 
-    from rlvr_entropy.trl import TRL_OWNED, EntropyGRPOTrainer
+    from rlvr_entropy.trl import TRL_OWNED, EntropyGRPOTrainer, resolve_method
 
     old_threads = torch.get_num_threads()
     if threads is not None:
@@ -98,9 +114,12 @@ def train_trl(method_name: str, cfg: TrainConfig, out_dir: str | os.PathLike, me
             scale_rewards="group" if cfg.adv_std_norm else "none",
             num_iterations=cfg.epochs, disable_tqdm=True, shuffle_dataset=False,
         )
+        method_config = {k: v for k, v in effective.items() if k not in TRL_OWNED}
+        if "ref_log_prob" in resolve_method(method_name, method_config, args).needs:
+            # TRL builds the reference by loading the model's path again: give the warm start one
+            model = _from_saved(model, out / "trl" / "warm_start")
         trainer = EntropyGRPOTrainer(model=model, reward_funcs=reward, args=args, train_dataset=data,
-                                     processing_class=hf_tok, method=method_name,
-                                     method_config={k: v for k, v in effective.items() if k not in TRL_OWNED},
+                                     processing_class=hf_tok, method=method_name, method_config=method_config,
                                      diagnostics_every=diagnostics_every)
         (out / "config.json").write_text(json.dumps({"method": method_name, "method_overrides": method_overrides,
                                                      "train": asdict(cfg), "engine": "trl",

@@ -22,8 +22,8 @@ micro-batches, ``optimizer_step``):
   a method with ``begin_step`` (entrocraft) gets the whole rollout first (:func:`begin_method_step`), so it decides
   each step with that step's own entropy, as its official trainer; and the rollout gets ``group_reward`` (each
   response's group mean reward over the whole DP group, :func:`attach_group_reward`: the thermostat's reach).
-* The distribution: methods that read more than log-prob and entropy (SIREN's top-p entropy, the thermostat's
-  change terms, Lp-Reg, AEnt, ...) get a :class:`~rlvr_entropy.kernels.LMHeadSource`, never logits. During forward
+* The distribution: methods that read more than log-prob and entropy (SIREN's top-p entropy, Lp-Reg's min-p proxy,
+  AEnt's clamped entropy) get a :class:`~rlvr_entropy.kernels.LMHeadSource`, never logits. During forward
   steps whose loss is ``entropy_ppo_loss`` with such a method, the hooked ``forward_step`` records the backbone's
   last hidden state (:func:`rlvr_entropy.kernels.hf.capture_backbone_hidden`: a reference, [1, nnz(+pad), H] with
   remove-padding, no copy) and the engine's module; ``entropy_ppo_loss`` slices the response positions out

@@ -24,8 +24,8 @@ statistic spans the engine's DP group (``TorchCollective(dp_group)``) and forwar
 controller state (``observe=False``). Called outside a hooked engine step (no step context and no ``state=``), the
 losses raise.
 
-Reference log-probs (``TokenBatch.ref_log_prob``, read by a method whose ``needs`` holds it: the thermostat with
-``actuator="pull"``): the batch's ``ref_log_prob``, which verl's reference worker computes only with
+Reference log-probs (``TokenBatch.ref_log_prob``, read by a method whose ``needs`` holds it: the thermostat's
+pull): the batch's ``ref_log_prob``, which verl's reference worker computes only with
 ``actor.use_kl_loss=True`` or ``algorithm.use_kl_in_reward=True`` (:data:`REFERENCE_OPTIONS`); a micro-batch without
 it raises, naming the field and the options. The registered path never has it (verl's ``ppo_loss`` hands a policy
 loss no reference) and raises the same way. verl's own KL loss (``use_kl_loss``, ``kl_loss_coef``) is added as verl

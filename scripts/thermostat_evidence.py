@@ -82,8 +82,12 @@ def _argv(methods, seeds, steps, out, jobs, train_extra=None, per_method=None, t
 
 
 def _runs(root: Path) -> dict[str, list[list[dict]]]:
+    """{method: [per-seed metric rows]} of the finished runs under ``root`` (those with a summary.json: a run still
+    in progress, or stopped part way, would report its last mid-run evaluation as final)."""
     out: dict[str, list[list[dict]]] = {}
     for p in sorted(root.glob("*/seed*/metrics.jsonl")):
+        if not (p.parent / "summary.json").exists():
+            continue
         rows = [json.loads(x) for x in p.read_text().splitlines() if x.strip()]
         out.setdefault(p.parent.parent.name, []).append(rows)
     return out

@@ -57,6 +57,14 @@ def _fake_runs(root: Path, per_method: dict[str, list[float]]):
             d.mkdir(parents=True)
             targets = [0.9] * 5 if m == "thermostat" else None
             (d / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in _rows([1.0] * 5, targets, p1)))
+            (d / "summary.json").write_text("{}")  # the run finished
+
+
+def test_unfinished_runs_are_left_out(tmp_path):
+    _fake_runs(tmp_path, {"grpo": [0.4, 0.5]})
+    (tmp_path / "grpo" / "seed1" / "summary.json").unlink()  # still running: its last row is a mid-run evaluation
+    runs = ev._runs(tmp_path)
+    assert len(runs["grpo"]) == 1 and runs["grpo"][0][-1]["eval/pass@1"] == pytest.approx(0.4)
 
 
 def test_table_and_goal_check(tmp_path):
@@ -92,6 +100,7 @@ def test_fit_and_tradeoff_by_hand(tmp_path):
         rows = _rows([1.0], p1=p1)
         rows[-1]["eval/entropy"] = h
         (d / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+        (d / "summary.json").write_text("{}")
     lines = ev.tradeoff(ev.table(tmp_path)[1])
     # fit through (0.1, 0.5), (0.2, 0.5), (0.3, 0.3): slope -1, intercept 0.633..; residuals -1/30, +1/15, -1/30
     assert lines[0].startswith("- pass@1 = 0.633 -1.000 x H_end")
@@ -211,6 +220,7 @@ def _stats(tmp_path, per_method):
             rows[0]["eval/pass@32"] = 0.95
             rows[-1].update({"eval/pass@8": p8, "eval/pass@32": p32})
             (d / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+            (d / "summary.json").write_text("{}")
     return ev.table(tmp_path)[1]
 
 

@@ -114,13 +114,12 @@ def train_trl(method_name: str, cfg: TrainConfig, out_dir: str | os.PathLike, me
             scale_rewards="group" if cfg.adv_std_norm else "none",
             num_iterations=cfg.epochs, disable_tqdm=True, shuffle_dataset=False,
         )
-        method_config = {k: v for k, v in effective.items() if k not in TRL_OWNED}
-        if "ref_log_prob" in resolve_method(method_name, method_config, args).needs:
+        method = resolve_method(method_name, {k: v for k, v in effective.items() if k not in TRL_OWNED}, args)
+        if "ref_log_prob" in method.needs:
             # TRL builds the reference by loading the model's path again: give the warm start one
             model = _from_saved(model, out / "trl" / "warm_start")
         trainer = EntropyGRPOTrainer(model=model, reward_funcs=reward, args=args, train_dataset=data,
-                                     processing_class=hf_tok, method=method_name, method_config=method_config,
-                                     diagnostics_every=diagnostics_every)
+                                     processing_class=hf_tok, method=method, diagnostics_every=diagnostics_every)
         (out / "config.json").write_text(json.dumps({"method": method_name, "method_overrides": method_overrides,
                                                      "train": asdict(cfg), "engine": "trl",
                                                      "report_to": list(report_to),
